@@ -1,1 +1,19 @@
-fn main() {}
+//! runnel: an edge agent that runs Python flows written in Bytewax's
+//! vocabulary on a Rust windowing engine. See README.md.
+
+mod agent;
+mod cli;
+mod config;
+mod engine;
+mod flow;
+mod json;
+mod metrics;
+mod python;
+mod sinks;
+mod sources;
+mod time;
+mod value;
+
+fn main() -> std::process::ExitCode {
+    cli::main()
+}

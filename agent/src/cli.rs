@@ -1,0 +1,259 @@
+//! The command line: `check`, `replay`, `run`, `demo`.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::engine::{run_flow, FlowOptions, FlowReport, OutputMode};
+use crate::flow::{self, Decode, StepKind};
+use crate::python::PyRunner;
+use crate::sinks::SharedOut;
+use crate::sources::SourceConfig;
+
+#[derive(Parser)]
+#[command(
+    name = "runnel",
+    version,
+    about = "Edge agent: Python flows in Bytewax's vocabulary on a Rust windowing engine"
+)]
+struct Cli {
+    /// Log level or tracing filter (overrides RUNNEL_LOG and the config file).
+    #[arg(long, global = true)]
+    log_level: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load a flow file and print its step graph; exit 0 if it is valid.
+    Check {
+        /// The flow file (`*.py`).
+        flow: PathBuf,
+    },
+    /// Run a flow over files to the end, printing what reaches each output step.
+    ///
+    /// Every item reaching an `op.output` step is printed to stdout as one
+    /// JSON object per line: {"step": "<output step id>", "item": <item>}.
+    /// Logs and the summary go to stderr.
+    Replay {
+        /// The flow file (`*.py`).
+        flow: PathBuf,
+        /// Feed input step STEP from FILE (JSON lines, or CSV if it ends in .csv).
+        /// STEP= may be left out when the flow has one input step. Input steps
+        /// without --input read their own sources.file path.
+        #[arg(long = "input", value_name = "[STEP=]FILE")]
+        inputs: Vec<String>,
+        /// Write to the flow's own sinks instead of printing to stdout.
+        #[arg(long)]
+        keep_sinks: bool,
+    },
+    /// Run the agent: every flow in the configured flows folder, until SIGTERM or SIGINT.
+    Run {
+        /// The agent's TOML config file.
+        #[arg(long, default_value = "/etc/runnel/runnel.toml")]
+        config: PathBuf,
+    },
+    /// Replay the bundled demo flow over the bundled capture (no broker, no files needed).
+    Demo,
+}
+
+const DEMO_FLOW: &str = include_str!("../../flows/demo.py");
+const DEMO_CAPTURE: &str = include_str!("../../flows/captures/greenhouse.jsonl");
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+pub(crate) fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let env_level = std::env::var("RUNNEL_LOG").ok();
+    let config = match &cli.command {
+        Command::Run { config } => match crate::config::Config::load(config) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                init_logging("info");
+                eprintln!("error: {e:#}");
+                return ExitCode::from(2);
+            }
+        },
+        _ => None,
+    };
+    let level = cli
+        .log_level
+        .clone()
+        .or(env_level)
+        .or_else(|| config.as_ref().map(|c| c.log_level.clone()))
+        .unwrap_or_else(|| "info".into());
+    init_logging(&level);
+    let result = match cli.command {
+        Command::Check { flow } => check(&flow),
+        Command::Replay {
+            flow,
+            inputs,
+            keep_sinks,
+        } => replay(&flow, &inputs, keep_sinks),
+        Command::Run { .. } => crate::agent::run(config.expect("loaded above")),
+        Command::Demo => demo(),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(16)
+        .thread_name("runnel-io")
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn check(path: &Path) -> anyhow::Result<ExitCode> {
+    let py = PyRunner::start()?;
+    match flow::load(&py, path) {
+        Ok(file) => {
+            for plan in &file.flows {
+                print!("{}", flow::describe(plan));
+                if !plan
+                    .steps
+                    .iter()
+                    .any(|s| matches!(s.kind, StepKind::Output(_)))
+                {
+                    eprintln!(
+                        "warning: flow {:?} has no output step; its results go nowhere",
+                        plan.flow_id
+                    );
+                }
+            }
+            println!("ok: {}", path.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+fn replay(path: &Path, inputs: &[String], keep_sinks: bool) -> anyhow::Result<ExitCode> {
+    let py = PyRunner::start()?;
+    let file = match flow::load(&py, path) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let input_ids: Vec<String> = file
+        .flows
+        .iter()
+        .flat_map(|p| {
+            p.steps
+                .iter()
+                .filter(|s| matches!(s.kind, StepKind::Input(_)))
+                .map(|s| s.step_id.clone())
+        })
+        .collect();
+    let mut overrides: HashMap<String, SourceConfig> = HashMap::new();
+    for arg in inputs {
+        let (step, file_arg) = match arg.split_once('=') {
+            Some((s, f)) if input_ids.iter().any(|i| i == s) => (s.to_string(), f.to_string()),
+            Some((s, _)) if !Path::new(arg).exists() => {
+                anyhow::bail!(
+                    "--input {arg}: the flow has no input step {s:?}; its input steps are: {}",
+                    input_ids.join(", ")
+                )
+            }
+            _ if input_ids.len() == 1 => (input_ids[0].clone(), arg.clone()),
+            _ => anyhow::bail!(
+                "--input {arg}: the flow has {} input steps ({}); say which one with STEP=FILE",
+                input_ids.len(),
+                input_ids.join(", ")
+            ),
+        };
+        let p = PathBuf::from(&file_arg);
+        if !p.exists() {
+            anyhow::bail!("--input {arg}: no such file {file_arg}");
+        }
+        let decode = Decode::for_path(&p);
+        overrides.insert(step, SourceConfig::File { path: p, decode });
+    }
+    let rt = runtime()?;
+    let out: SharedOut = Arc::new(Mutex::new(Box::new(std::io::BufWriter::with_capacity(
+        64 * 1024,
+        std::io::stdout(),
+    ))));
+    let mut handles = Vec::new();
+    for plan in file.flows {
+        let opts = FlowOptions {
+            live: false,
+            inputs: overrides.clone(),
+            output: if keep_sinks {
+                OutputMode::Sinks
+            } else {
+                OutputMode::Replay(out.clone())
+            },
+            stop: None,
+        };
+        handles.push(run_flow(plan, opts, py.clone(), rt.handle().clone())?);
+    }
+    for h in handles {
+        match h.join() {
+            Ok(report) => summarize(&report),
+            Err(_) => anyhow::bail!("a flow's engine thread panicked"),
+        }
+    }
+    let _ = out.lock().unwrap_or_else(|p| p.into_inner()).flush();
+    rt.shutdown_background();
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One summary line per flow on stderr: what came in, went out, was skipped.
+pub(crate) fn summarize(report: &FlowReport) {
+    let parts: Vec<String> = report
+        .counters
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    tracing::info!(
+        "flow {} {}: {}",
+        report.flow_id,
+        if report.stopped_early {
+            "stopped"
+        } else {
+            "finished"
+        },
+        parts.join(" ")
+    );
+}
+
+fn demo() -> anyhow::Result<ExitCode> {
+    let dir = std::env::temp_dir().join(format!("runnel-demo-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("captures"))
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    let flow_path = dir.join("demo.py");
+    std::fs::write(&flow_path, DEMO_FLOW)?;
+    std::fs::write(dir.join("captures/greenhouse.jsonl"), DEMO_CAPTURE)?;
+    eprintln!("runnel demo: replaying the bundled flow (flows/demo.py) over the bundled greenhouse capture");
+    let result = replay(&flow_path, &[], false);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}

@@ -1,0 +1,253 @@
+//! `win.aggregate`'s accumulators: statistics of numeric fields computed
+//! in Rust, merged when session windows merge.
+
+use crate::flow::{AggSpec, Stat};
+use crate::value::Value;
+
+/// Running statistics of one field in one window.
+#[derive(Clone, Debug, Default)]
+struct FieldAcc {
+    count: u64,
+    sum: f64,
+    mean: f64,
+    m2: f64,
+    min: f64,
+    max: f64,
+    first: Option<Value>,
+    last: Option<Value>,
+    /// Kept only when a percentile is asked for.
+    values: Option<Vec<f64>>,
+}
+
+impl FieldAcc {
+    fn add(&mut self, raw: &Value, x: f64) {
+        self.count += 1;
+        self.sum += x;
+        let delta = x - self.mean;
+        self.mean += delta / self.count as f64;
+        self.m2 += delta * (x - self.mean);
+        if self.count == 1 {
+            self.min = x;
+            self.max = x;
+            self.first = Some(raw.clone());
+        } else {
+            self.min = self.min.min(x);
+            self.max = self.max.max(x);
+        }
+        self.last = Some(raw.clone());
+        if let Some(v) = &mut self.values {
+            v.push(x);
+        }
+    }
+
+    /// Merge `newer` (the window merged in) into `self` (the older one).
+    fn merge(&mut self, newer: FieldAcc) {
+        if newer.count == 0 {
+            return;
+        }
+        if self.count == 0 {
+            *self = newer;
+            return;
+        }
+        let n = (self.count + newer.count) as f64;
+        let delta = newer.mean - self.mean;
+        self.m2 += newer.m2 + delta * delta * self.count as f64 * newer.count as f64 / n;
+        self.mean += delta * newer.count as f64 / n;
+        self.count += newer.count;
+        self.sum += newer.sum;
+        self.min = self.min.min(newer.min);
+        self.max = self.max.max(newer.max);
+        if newer.last.is_some() {
+            self.last = newer.last;
+        }
+        if let (Some(a), Some(b)) = (&mut self.values, newer.values) {
+            a.extend(b);
+        }
+    }
+
+    fn stat(&self, s: Stat) -> Value {
+        let n = self.count;
+        let opt = |x: f64| if n == 0 { Value::Null } else { Value::Float(x) };
+        match s {
+            Stat::Count => Value::Int(n as i64),
+            Stat::Sum => Value::Float(self.sum),
+            Stat::Mean => opt(self.sum / n as f64),
+            Stat::Min => opt(self.min),
+            Stat::Max => opt(self.max),
+            Stat::Stddev => opt((self.m2 / n as f64).max(0.0).sqrt()),
+            Stat::First => self.first.clone().unwrap_or(Value::Null),
+            Stat::Last => self.last.clone().unwrap_or(Value::Null),
+            Stat::P50 => self.percentile(50),
+            Stat::P90 => self.percentile(90),
+            Stat::P99 => self.percentile(99),
+        }
+    }
+
+    /// Nearest rank: the smallest value with at least p% of values at or below it.
+    fn percentile(&self, p: u64) -> Value {
+        match &self.values {
+            Some(v) if !v.is_empty() => {
+                let mut sorted = v.clone();
+                sorted.sort_by(f64::total_cmp);
+                let n = sorted.len() as u64;
+                let rank = (p * n).div_ceil(100).max(1);
+                Value::Float(sorted[(rank - 1) as usize])
+            }
+            _ => Value::Null,
+        }
+    }
+}
+
+/// All fields' statistics of one window.
+#[derive(Clone, Debug)]
+pub(crate) struct AggAcc {
+    fields: Vec<FieldAcc>,
+}
+
+fn wants_values(stats: &[Stat]) -> bool {
+    stats
+        .iter()
+        .any(|s| matches!(s, Stat::P50 | Stat::P90 | Stat::P99))
+}
+
+impl AggAcc {
+    pub(crate) fn new(spec: &AggSpec) -> AggAcc {
+        AggAcc {
+            fields: spec
+                .fields
+                .iter()
+                .map(|(_, stats)| FieldAcc {
+                    values: wants_values(stats).then(Vec::new),
+                    ..FieldAcc::default()
+                })
+                .collect(),
+        }
+    }
+
+    /// Fold one item's value (a dict) in. Fields that are missing or not
+    /// finite numbers are left out.
+    pub(crate) fn add(&mut self, spec: &AggSpec, item: &Value) {
+        for ((name, _), acc) in spec.fields.iter().zip(self.fields.iter_mut()) {
+            let Some(raw) = item.field(name) else {
+                continue;
+            };
+            let x = match raw {
+                Value::Int(n) => *n as f64,
+                Value::Float(x) if x.is_finite() => *x,
+                _ => continue,
+            };
+            acc.add(raw, x);
+        }
+    }
+
+    pub(crate) fn merge(&mut self, newer: AggAcc) {
+        for (a, b) in self.fields.iter_mut().zip(newer.fields) {
+            a.merge(b);
+        }
+    }
+
+    /// `{"temp": {"mean": ..., "max": ...}}` in the order the flow asked.
+    pub(crate) fn result(&self, spec: &AggSpec) -> Value {
+        Value::Map(
+            spec.fields
+                .iter()
+                .zip(&self.fields)
+                .map(|((name, stats), acc)| {
+                    let m = stats
+                        .iter()
+                        .map(|s| (std::sync::Arc::from(s.name()), acc.stat(*s)))
+                        .collect();
+                    (name.clone(), Value::Map(m))
+                })
+                .collect(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn spec(stats: &[Stat]) -> AggSpec {
+        AggSpec {
+            fields: vec![(Arc::from("t"), stats.to_vec())],
+        }
+    }
+
+    fn item(x: Value) -> Value {
+        Value::Map(vec![(Arc::from("t"), x)])
+    }
+
+    fn get(v: &Value, stat: &str) -> Value {
+        v.field("t").unwrap().field(stat).unwrap().clone()
+    }
+
+    #[test]
+    fn statistics_of_a_window_match_their_textbook_definitions() {
+        let all = [
+            Stat::Count,
+            Stat::Sum,
+            Stat::Mean,
+            Stat::Min,
+            Stat::Max,
+            Stat::Stddev,
+            Stat::First,
+            Stat::Last,
+            Stat::P50,
+            Stat::P90,
+        ];
+        let s = spec(&all);
+        let mut a = AggAcc::new(&s);
+        for x in [4, 8, 2, 6] {
+            a.add(&s, &item(Value::Int(x)));
+        }
+        a.add(&s, &item(Value::str("n/a")));
+        a.add(&s, &Value::Map(vec![]));
+        let r = a.result(&s);
+        assert!(matches!(get(&r, "count"), Value::Int(4)));
+        assert!(matches!(get(&r, "sum"), Value::Float(x) if x == 20.0));
+        assert!(matches!(get(&r, "mean"), Value::Float(x) if x == 5.0));
+        assert!(matches!(get(&r, "min"), Value::Float(x) if x == 2.0));
+        assert!(matches!(get(&r, "max"), Value::Float(x) if x == 8.0));
+        assert!(matches!(get(&r, "stddev"), Value::Float(x) if (x - 5f64.sqrt()).abs() < 1e-12));
+        assert!(matches!(get(&r, "first"), Value::Int(4)));
+        assert!(matches!(get(&r, "last"), Value::Int(6)));
+        // nearest rank of [2, 4, 6, 8]: p50 -> 2nd value, p90 -> 4th.
+        assert!(matches!(get(&r, "p50"), Value::Float(x) if x == 4.0));
+        assert!(matches!(get(&r, "p90"), Value::Float(x) if x == 8.0));
+    }
+
+    #[test]
+    fn a_field_without_values_reports_zero_count_and_nulls() {
+        let s = spec(&[Stat::Count, Stat::Sum, Stat::Mean, Stat::P99, Stat::First]);
+        let r = AggAcc::new(&s).result(&s);
+        assert!(matches!(get(&r, "count"), Value::Int(0)));
+        assert!(matches!(get(&r, "sum"), Value::Float(x) if x == 0.0));
+        assert!(matches!(get(&r, "mean"), Value::Null));
+        assert!(matches!(get(&r, "p99"), Value::Null));
+        assert!(matches!(get(&r, "first"), Value::Null));
+    }
+
+    #[test]
+    fn merging_sessions_equals_folding_everything_into_one() {
+        let s = spec(&[Stat::Mean, Stat::Stddev, Stat::First, Stat::Last, Stat::P50]);
+        let (mut a, mut b, mut whole) = (AggAcc::new(&s), AggAcc::new(&s), AggAcc::new(&s));
+        for x in [1.5, 9.0, 3.25] {
+            a.add(&s, &item(Value::Float(x)));
+            whole.add(&s, &item(Value::Float(x)));
+        }
+        for x in [7.0, -2.0] {
+            b.add(&s, &item(Value::Float(x)));
+            whole.add(&s, &item(Value::Float(x)));
+        }
+        a.merge(b);
+        let (m, w) = (a.result(&s), whole.result(&s));
+        for stat in ["mean", "stddev", "p50", "first", "last"] {
+            let (Value::Float(x), Value::Float(y)) = (get(&m, stat), get(&w, stat)) else {
+                panic!("{stat} not a float")
+            };
+            assert!((x - y).abs() < 1e-12, "{stat}: {x} vs {y}");
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! The flow runtime: a graph of operators fed with batches.
+//!
+//! Each flow runs on its own engine thread. Sources (tokio tasks or
+//! blocking readers) send batches through one bounded channel, which is the
+//! backpressure; the engine pushes each batch through the graph, calling
+//! the Python thread once per batch at each Python step. Window timers are
+//! deadlines the engine sleeps until — nothing polls.
+
+mod agg;
+mod collect;
+mod graph;
+mod stateless;
+mod window;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::metrics::{Counters, Warnings};
+use crate::python::error::PyFailure;
+use crate::python::PyRunner;
+use crate::value::{Item, Origin};
+
+pub(crate) use graph::{run_flow, FlowOptions, FlowReport, OutputMode};
+
+/// What one step hands on: a batch per output port.
+pub(crate) struct Out {
+    pub ports: Vec<Vec<Item>>,
+}
+
+impl Out {
+    fn new(n: usize) -> Out {
+        Out {
+            ports: (0..n).map(|_| Vec::new()).collect(),
+        }
+    }
+}
+
+/// A step at run time.
+pub(crate) trait Operator: Send {
+    /// Handle a batch arriving on input `port`.
+    fn on_batch(&mut self, cx: &Cx, port: usize, batch: Vec<Item>, out: &mut Out);
+    /// Every input has ended: emit what is left (windows flush here).
+    fn on_eof(&mut self, _cx: &Cx, _out: &mut Out) {}
+    /// A deadline of this step has passed.
+    fn on_tick(&mut self, _cx: &Cx, _now: Instant, _out: &mut Out) {}
+    /// When this step next needs `on_tick` (live mode only).
+    fn deadline(&self) -> Option<Instant> {
+        None
+    }
+    /// Make written output visible (sinks).
+    fn flush(&mut self, _cx: &Cx) {}
+}
+
+/// What every operator of a flow may use.
+pub(crate) struct Cx {
+    pub py: PyRunner,
+    pub flow_id: Arc<str>,
+    /// The flow file as given; tracebacks are matched against it.
+    pub file: Arc<str>,
+    pub counters: Counters,
+    pub warnings: Warnings,
+    /// Names of item origins (index 0 is "made by a step").
+    pub origins: Arc<Vec<String>>,
+    /// Live (`run`): watermarks also advance with the monotonic clock and
+    /// timers fire. Replay: time comes from the data alone.
+    pub live: bool,
+}
+
+impl Cx {
+    /// "data.jsonl line 12", or "" when a step made the item.
+    pub(crate) fn origin(&self, at: Origin) -> String {
+        match self.origins.get(at.src as usize) {
+            Some(name) if at.src != 0 => format!(" (from {name} line {})", at.line),
+            _ => String::new(),
+        }
+    }
+
+    /// Count and log (rate-limited) an item a step could not handle.
+    pub(crate) fn skip(
+        &self,
+        step: &str,
+        cause: &str,
+        at: Origin,
+        message: impl FnOnce() -> String,
+    ) {
+        self.counters.add(&format!("{step}.skipped.{cause}"), 1);
+        let key = format!("flow {} step {step}: {cause}", self.flow_id);
+        self.warnings.warn(&key, || {
+            format!(
+                "flow {} step {step:?}: {}{}; item skipped",
+                self.flow_id,
+                message(),
+                self.origin(at)
+            )
+        });
+    }
+
+    /// Count and log (rate-limited) a Python exception raised by a user function.
+    pub(crate) fn py_error(&self, step: &str, at: Origin, f: &PyFailure, fate: &str) {
+        self.counters.add(&format!("{step}.python_errors"), 1);
+        let key = format!("flow {} step {step}: python exception", self.flow_id);
+        self.warnings.warn(&key, || {
+            format!(
+                "flow {} step {step:?}: {} at {}{}; {fate}\n{}",
+                self.flow_id,
+                f.message,
+                f.location,
+                self.origin(at),
+                f.traceback.trim_end()
+            )
+        });
+    }
+}
+
+/// A problem with one item inside a Python job: an exception, or a result
+/// of the wrong shape.
+pub(crate) enum ItemError {
+    Py(PyFailure),
+    Shape(String),
+}

@@ -1,0 +1,366 @@
+//! Steps that look at one item at a time: native key handling, merge, and
+//! the Python-function operators (map, filter, branch, stateful_map, ...),
+//! which run a whole batch in one job on the Python thread.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyList, PyString, PyTuple};
+
+use super::{Cx, ItemError, Operator, Out};
+use crate::flow::{py_op_name, PyFn, PyOpKind};
+use crate::python::convert::{from_py, to_py, type_name};
+use crate::python::error::PyFailure;
+use crate::value::{Item, Origin, Value};
+
+/// An input step: passes its source's batches on and counts them.
+pub(crate) struct InputOp {
+    pub step_id: String,
+}
+
+impl Operator for InputOp {
+    fn on_batch(&mut self, cx: &Cx, _port: usize, batch: Vec<Item>, out: &mut Out) {
+        cx.counters
+            .add(&format!("{}.items", self.step_id), batch.len() as u64);
+        out.ports[0] = batch;
+    }
+}
+
+/// `op.merge`: every input port goes to the one output.
+pub(crate) struct MergeOp;
+
+impl Operator for MergeOp {
+    fn on_batch(&mut self, _cx: &Cx, _port: usize, batch: Vec<Item>, out: &mut Out) {
+        out.ports[0] = batch;
+    }
+}
+
+/// `op.key_rm`: `(key, value)` becomes `value`.
+pub(crate) struct KeyRmOp {
+    pub step_id: String,
+}
+
+impl Operator for KeyRmOp {
+    fn on_batch(&mut self, cx: &Cx, _port: usize, batch: Vec<Item>, out: &mut Out) {
+        for item in batch {
+            match item.v.into_keyed() {
+                Ok((_, v)) => out.ports[0].push(Item::new(v, item.at)),
+                Err(v) => cx.skip(&self.step_id, "not_keyed", item.at, || not_keyed(&v)),
+            }
+        }
+    }
+}
+
+pub(crate) fn not_keyed(v: &Value) -> String {
+    format!(
+        "expects (key, value) 2-tuples with a str key; got a {}",
+        v.type_name()
+    )
+}
+
+/// `op.key_on` with a field name: the key is read in Rust.
+pub(crate) struct KeyOnFieldOp {
+    pub step_id: String,
+    pub field: Arc<str>,
+}
+
+impl Operator for KeyOnFieldOp {
+    fn on_batch(&mut self, cx: &Cx, _port: usize, batch: Vec<Item>, out: &mut Out) {
+        for item in batch {
+            let key: Option<Arc<str>> = match item.v.field(&self.field) {
+                Some(Value::Str(s)) => Some(s.clone()),
+                Some(Value::Int(n)) => Some(Arc::from(n.to_string().as_str())),
+                _ => None,
+            };
+            match key {
+                Some(k) => out.ports[0].push(Item::new(Value::keyed(k, item.v), item.at)),
+                None => {
+                    let field = &self.field;
+                    let found = item.v.field(field).map(Value::type_name);
+                    cx.skip(&self.step_id, "no_key", item.at, || match found {
+                        Some(t) => format!("key field {field:?} is a {t}, not a str or int"),
+                        None if matches!(item.v, Value::Map(_)) => {
+                            format!("item has no key field {field:?}")
+                        }
+                        None => format!(
+                            "expects dict items with a key field {field:?}; got a {}",
+                            item.v.type_name()
+                        ),
+                    })
+                }
+            }
+        }
+    }
+}
+
+/// A Python-function operator.
+pub(crate) struct PyOp {
+    pub step_id: String,
+    pub kind: PyOpKind,
+    pub f: PyFn,
+    /// Per-key state of `stateful_map` (Python objects, touched only on the Python thread).
+    pub states: Option<HashMap<Arc<str>, Py<PyAny>>>,
+}
+
+/// What a Python batch job returns to the engine thread.
+type JobResult = (
+    Vec<Vec<Item>>,
+    Vec<(Origin, ItemError)>,
+    Option<HashMap<Arc<str>, Py<PyAny>>>,
+);
+
+impl Operator for PyOp {
+    fn on_batch(&mut self, cx: &Cx, _port: usize, batch: Vec<Item>, out: &mut Out) {
+        let n = batch.len();
+        let kind = self.kind;
+        let f = self.f.clone();
+        let file = cx.file.clone();
+        let full_id: Arc<str> = Arc::from(format!("{}.{}", cx.flow_id, self.step_id).as_str());
+        let states = self.states.take();
+        let n_ports = out.ports.len();
+        let job = cx
+            .py
+            .run(move |py| run_batch(py, kind, &f, &file, &full_id, batch, states, n_ports));
+        match job {
+            Ok((ports, errors, states)) => {
+                self.states = states;
+                for (i, p) in ports.into_iter().enumerate() {
+                    out.ports[i] = p;
+                }
+                for (at, e) in errors {
+                    match e {
+                        ItemError::Py(f) => {
+                            let fate = if kind == PyOpKind::Inspect {
+                                "item passed on"
+                            } else {
+                                "item skipped"
+                            };
+                            cx.py_error(&self.step_id, at, &f, fate)
+                        }
+                        ItemError::Shape(m) => cx.skip(&self.step_id, "bad_result", at, || m),
+                    }
+                }
+            }
+            Err(e) => {
+                cx.counters
+                    .add(&format!("{}.python_errors", self.step_id), n as u64);
+                tracing::error!(
+                    "flow {} step {:?}: a batch of {n} items was lost: {e}",
+                    cx.flow_id,
+                    self.step_id
+                );
+                if self.kind == PyOpKind::StatefulMap {
+                    self.states = Some(HashMap::new());
+                }
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_batch(
+    py: Python<'_>,
+    kind: PyOpKind,
+    f: &PyFn,
+    file: &str,
+    full_id: &str,
+    batch: Vec<Item>,
+    mut states: Option<HashMap<Arc<str>, Py<PyAny>>>,
+    n_ports: usize,
+) -> JobResult {
+    let f = f.bind(py);
+    let mut ports: Vec<Vec<Item>> = (0..n_ports)
+        .map(|_| {
+            Vec::with_capacity(if kind == PyOpKind::Filter {
+                batch.len()
+            } else {
+                0
+            })
+        })
+        .collect();
+    let mut errors = Vec::new();
+    let fail = |e: PyErr| ItemError::Py(PyFailure::capture(py, &e, file));
+    let name = py_op_name(kind);
+
+    if kind == PyOpKind::FlatMapBatch {
+        let at = batch.first().map(|i| i.at).unwrap_or_default();
+        let result = (|| -> Result<(), ItemError> {
+            let list = PyList::empty(py);
+            for item in &batch {
+                list.append(to_py(py, &item.v).map_err(fail)?)
+                    .map_err(fail)?;
+            }
+            let r = f.call1((list,)).map_err(fail)?;
+            for x in r.try_iter().map_err(|_| {
+                ItemError::Shape(format!(
+                    "{name}: mapper must return an iterable; got a {}",
+                    type_name(&r)
+                ))
+            })? {
+                ports[0].push(Item::new(from_py(&x.map_err(fail)?), Origin::default()));
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            errors.push((at, e));
+        }
+        return (ports, errors, states);
+    }
+
+    for item in batch {
+        let at = item.at;
+        let result = (|| -> Result<(), ItemError> {
+            match kind {
+                PyOpKind::Map => {
+                    let r = f
+                        .call1((to_py(py, &item.v).map_err(fail)?,))
+                        .map_err(fail)?;
+                    ports[0].push(Item::new(from_py(&r), at));
+                }
+                PyOpKind::Filter | PyOpKind::Branch => {
+                    let r = f
+                        .call1((to_py(py, &item.v).map_err(fail)?,))
+                        .map_err(fail)?;
+                    let keep = want_bool(name, &r)?;
+                    let port = if keep {
+                        0
+                    } else if kind == PyOpKind::Branch {
+                        1
+                    } else {
+                        return Ok(());
+                    };
+                    ports[port].push(item.clone());
+                }
+                PyOpKind::FilterMap => {
+                    let r = f
+                        .call1((to_py(py, &item.v).map_err(fail)?,))
+                        .map_err(fail)?;
+                    if !r.is_none() {
+                        ports[0].push(Item::new(from_py(&r), at));
+                    }
+                }
+                PyOpKind::FlatMap => {
+                    let r = f
+                        .call1((to_py(py, &item.v).map_err(fail)?,))
+                        .map_err(fail)?;
+                    for x in iterate(name, &r)? {
+                        ports[0].push(Item::new(from_py(&x.map_err(fail)?), at));
+                    }
+                }
+                PyOpKind::KeyOn => {
+                    let r = f
+                        .call1((to_py(py, &item.v).map_err(fail)?,))
+                        .map_err(fail)?;
+                    let key = r.cast_exact::<PyString>().map_err(|_| {
+                        ItemError::Shape(format!(
+                            "return value of `key` must be a `str`; got a {}",
+                            type_name(&r)
+                        ))
+                    })?;
+                    let key: Arc<str> = Arc::from(key.to_str().map_err(fail)?);
+                    ports[0].push(Item::new(Value::keyed(key, item.v.clone()), at));
+                }
+                PyOpKind::Inspect => {
+                    ports[0].push(item.clone());
+                    f.call1((full_id, to_py(py, &item.v).map_err(fail)?))
+                        .map_err(fail)?;
+                }
+                PyOpKind::MapValue
+                | PyOpKind::FilterValue
+                | PyOpKind::FlatMapValue
+                | PyOpKind::StatefulMap => {
+                    let (k, v) = item
+                        .v
+                        .clone()
+                        .into_keyed()
+                        .map_err(|v| ItemError::Shape(super::stateless::not_keyed(&v)))?;
+                    let pv = to_py(py, &v).map_err(fail)?;
+                    match kind {
+                        PyOpKind::MapValue => {
+                            let r = f.call1((pv,)).map_err(fail)?;
+                            ports[0].push(Item::new(Value::keyed(k, from_py(&r)), at));
+                        }
+                        PyOpKind::FilterValue => {
+                            let r = f.call1((pv,)).map_err(fail)?;
+                            if want_bool(name, &r)? {
+                                ports[0].push(item.clone());
+                            }
+                        }
+                        PyOpKind::FlatMapValue => {
+                            let r = f.call1((pv,)).map_err(fail)?;
+                            for x in iterate(name, &r)? {
+                                ports[0].push(Item::new(
+                                    Value::keyed(k.clone(), from_py(&x.map_err(fail)?)),
+                                    at,
+                                ));
+                            }
+                        }
+                        _ => {
+                            let states = states.get_or_insert_with(HashMap::new);
+                            let old = states.remove(&k);
+                            let state = old
+                                .as_ref()
+                                .map(|s| s.bind(py).clone())
+                                .unwrap_or_else(|| py.None().into_bound(py));
+                            let r = match f.call1((state, pv)) {
+                                Ok(r) => r,
+                                Err(e) => {
+                                    if let Some(old) = old {
+                                        states.insert(k, old);
+                                    }
+                                    return Err(fail(e));
+                                }
+                            };
+                            let pair = r.cast::<PyTuple>().ok().filter(|t| t.len() == 2);
+                            let Some(pair) = pair else {
+                                if let Some(old) = old {
+                                    states.insert(k, old);
+                                }
+                                return Err(ItemError::Shape(format!(
+                                    "return value of `mapper` must be a 2-tuple of `(updated_state, emit_value)`; got a {}",
+                                    type_name(&r)
+                                )));
+                            };
+                            let new_state = pair.get_item(0).map_err(fail)?;
+                            let emit = pair.get_item(1).map_err(fail)?;
+                            if !new_state.is_none() {
+                                states.insert(k.clone(), new_state.unbind());
+                            }
+                            ports[0].push(Item::new(Value::keyed(k, from_py(&emit)), at));
+                        }
+                    }
+                }
+                PyOpKind::FlatMapBatch => unreachable!("handled above"),
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            errors.push((at, e));
+        }
+    }
+    (ports, errors, states)
+}
+
+fn want_bool(name: &str, r: &Bound<'_, PyAny>) -> Result<bool, ItemError> {
+    if r.is_exact_instance_of::<PyBool>() {
+        Ok(r.is_truthy().unwrap_or(false))
+    } else {
+        Err(ItemError::Shape(format!(
+            "return value of the {name} predicate must be a `bool`; got a {}",
+            type_name(r)
+        )))
+    }
+}
+
+fn iterate<'py>(
+    name: &str,
+    r: &Bound<'py, PyAny>,
+) -> Result<Bound<'py, pyo3::types::PyIterator>, ItemError> {
+    r.try_iter().map_err(|_| {
+        ItemError::Shape(format!(
+            "{name}: mapper must return an iterable; got a {}",
+            type_name(r)
+        ))
+    })
+}

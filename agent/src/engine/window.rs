@@ -1,0 +1,847 @@
+//! Window operators: Bytewax 0.21's windowing, per key, in Rust.
+//!
+//! For every key: a clock gives each value a timestamp and a watermark;
+//! values older than the watermark are late (emitted on `late`, never
+//! folded); the rest wait in a queue until the watermark passes them
+//! (`ordered`), then go into the windows the windower assigns; windows close
+//! when the watermark passes their close time. `fold_window` and friends
+//! keep their accumulators as Python objects, changed in one job on the
+//! Python thread per batch; `count_window` and `win.aggregate` never call
+//! Python.
+//!
+//! In replay the watermark is the largest timestamp minus the wait. Live,
+//! it also advances with the monotonic clock while a key is idle (never the
+//! wall clock, so an NTP jump after boot cannot flush or freeze windows), and
+//! the engine sleeps until the next close time instead of polling.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pyo3::prelude::*;
+
+use super::agg::AggAcc;
+use super::{Cx, ItemError, Operator, Out};
+use crate::flow::{ClockSpec, LogicSpec, TsGetter, TsUnit, WindowPlan, WindowerSpec};
+use crate::python::convert::{from_py, micros, to_py};
+use crate::python::error::PyFailure;
+use crate::time;
+use crate::value::{Item, Micros, Origin, Value, WindowMeta};
+
+const LATE_SESSION_ID: i64 = -1;
+
+/// A value waiting for the watermark to pass it.
+struct Queued {
+    value: Value,
+    ts: Micros,
+    at: Origin,
+}
+
+#[derive(Clone, Copy)]
+struct Clock {
+    /// Largest timestamp seen minus the wait (`i64::MIN` before any).
+    base: Micros,
+    /// When `base` last moved, on the monotonic clock.
+    moved_at: Instant,
+}
+
+enum Windows {
+    /// Tumbling and sliding windows opened so far, by id.
+    Sliding(BTreeMap<i64, WindowMeta>),
+    Session {
+        max_id: i64,
+        sessions: BTreeMap<i64, WindowMeta>,
+        merges: Vec<(i64, i64)>,
+    },
+}
+
+/// A native accumulator.
+enum Acc {
+    Count(i64),
+    Agg(AggAcc),
+}
+
+struct KeyState {
+    clock: Clock,
+    windows: Windows,
+    queue: Vec<Queued>,
+    /// Native accumulators by window id (Python ones live on the Python thread).
+    accs: HashMap<i64, Acc>,
+}
+
+/// Work for the Python thread, in the order it must happen.
+enum PyAction {
+    Fold {
+        key: Arc<str>,
+        id: i64,
+        value: Value,
+        at: Origin,
+    },
+    Merge {
+        key: Arc<str>,
+        from: i64,
+        into: i64,
+    },
+    Close {
+        key: Arc<str>,
+        id: i64,
+    },
+}
+
+type PyStates = HashMap<(Arc<str>, i64), Py<PyAny>>;
+
+pub(crate) struct WindowOp {
+    step_id: String,
+    plan: WindowPlan,
+    keys: HashMap<Arc<str>, KeyState>,
+    py_states: Option<PyStates>,
+}
+
+impl WindowOp {
+    pub(crate) fn new(step_id: String, plan: WindowPlan) -> WindowOp {
+        WindowOp {
+            step_id,
+            plan,
+            keys: HashMap::new(),
+            py_states: Some(HashMap::new()),
+        }
+    }
+
+    fn new_key(&self, now: Instant) -> KeyState {
+        KeyState {
+            clock: Clock {
+                base: i64::MIN,
+                moved_at: now,
+            },
+            windows: match self.plan.windower {
+                WindowerSpec::Sliding { .. } => Windows::Sliding(BTreeMap::new()),
+                WindowerSpec::Session { .. } => Windows::Session {
+                    max_id: LATE_SESSION_ID,
+                    sessions: BTreeMap::new(),
+                    merges: Vec::new(),
+                },
+            },
+            queue: Vec::new(),
+            accs: HashMap::new(),
+        }
+    }
+
+    /// Timestamps for a batch of values; `Err` items are skipped.
+    fn timestamps(
+        &self,
+        cx: &Cx,
+        values: &[(Arc<str>, Value, Origin)],
+        wall_now: Micros,
+    ) -> Vec<Option<Micros>> {
+        match &self.plan.clock {
+            ClockSpec::System => vec![Some(wall_now); values.len()],
+            ClockSpec::Event {
+                getter: TsGetter::Field { name, unit },
+                ..
+            } => values
+                .iter()
+                .map(|(_, v, at)| match field_ts(v, name, *unit) {
+                    Ok(ts) => Some(ts),
+                    Err(why) => {
+                        cx.skip(&self.step_id, "bad_timestamp", *at, || why);
+                        None
+                    }
+                })
+                .collect(),
+            ClockSpec::Event {
+                getter: TsGetter::Py(f),
+                ..
+            } => {
+                let f = f.clone();
+                let file = cx.file.clone();
+                let vals: Vec<Value> = values.iter().map(|(_, v, _)| v.clone()).collect();
+                let res = cx.py.run(move |py| {
+                    let f = f.bind(py);
+                    vals.iter()
+                        .map(|v| {
+                            let fail = |e: PyErr| ItemError::Py(PyFailure::capture(py, &e, &file));
+                            let r = f.call1((to_py(py, v).map_err(fail)?,)).map_err(fail)?;
+                            micros(&r)
+                                .map_err(|m| ItemError::Shape(format!("timestamp getter: {m}")))
+                        })
+                        .collect::<Vec<Result<Micros, ItemError>>>()
+                });
+                match res {
+                    Ok(list) => list
+                        .into_iter()
+                        .zip(values)
+                        .map(|(r, (_, _, at))| match r {
+                            Ok(ts) => Some(ts),
+                            Err(ItemError::Py(f)) => {
+                                cx.py_error(&self.step_id, *at, &f, "item skipped");
+                                None
+                            }
+                            Err(ItemError::Shape(m)) => {
+                                cx.skip(&self.step_id, "bad_timestamp", *at, || m);
+                                None
+                            }
+                        })
+                        .collect(),
+                    Err(e) => {
+                        tracing::error!(
+                            "flow {} step {:?}: timestamps of a batch failed: {e}",
+                            cx.flow_id,
+                            self.step_id
+                        );
+                        vec![None; values.len()]
+                    }
+                }
+            }
+        }
+    }
+
+    /// The watermark of `clock` at `now` (replay: from the data alone).
+    fn watermark(&self, cx: &Cx, clock: &Clock, now: Instant, wall_now: Micros) -> Micros {
+        match self.plan.clock {
+            ClockSpec::System => wall_now,
+            ClockSpec::Event { .. } => {
+                if cx.live && clock.base != i64::MIN {
+                    let idle = now
+                        .saturating_duration_since(clock.moved_at)
+                        .as_micros()
+                        .min(i64::MAX as u128) as i64;
+                    clock.base.saturating_add(idle)
+                } else {
+                    clock.base
+                }
+            }
+        }
+    }
+
+    /// Close times and queue entries become due: flush `key` at `wm`.
+    fn flush_key(
+        &mut self,
+        key: &Arc<str>,
+        wm: Micros,
+        out: &mut Out,
+        actions: &mut Vec<PyAction>,
+    ) {
+        let plan = &self.plan;
+        let Some(ks) = self.keys.get_mut(key) else {
+            return;
+        };
+        let due: Vec<Queued> = if plan.ordered {
+            let (mut due, rest): (Vec<Queued>, Vec<Queued>) = std::mem::take(&mut ks.queue)
+                .into_iter()
+                .partition(|q| q.ts <= wm);
+            ks.queue = rest;
+            due.sort_by_key(|q| q.ts);
+            due
+        } else {
+            std::mem::take(&mut ks.queue)
+        };
+        for q in due {
+            let ids = open_for(&plan.windower, &mut ks.windows, q.ts);
+            let n = ids.len();
+            let mut value = Some(q.value);
+            for (i, id) in ids.into_iter().enumerate() {
+                let v = if i + 1 == n {
+                    value.take().expect("value")
+                } else {
+                    value.clone().expect("value")
+                };
+                match &plan.logic {
+                    LogicSpec::Fold { .. } => actions.push(PyAction::Fold {
+                        key: key.clone(),
+                        id,
+                        value: v,
+                        at: q.at,
+                    }),
+                    LogicSpec::Count => match ks.accs.entry(id).or_insert(Acc::Count(0)) {
+                        Acc::Count(c) => *c += 1,
+                        Acc::Agg(_) => {}
+                    },
+                    LogicSpec::Aggregate(spec) => {
+                        if let Acc::Agg(a) = ks
+                            .accs
+                            .entry(id)
+                            .or_insert_with(|| Acc::Agg(AggAcc::new(spec)))
+                        {
+                            a.add(spec, &v);
+                        }
+                    }
+                }
+            }
+        }
+        if let Windows::Session { merges, .. } = &mut ks.windows {
+            for (from, into) in std::mem::take(merges) {
+                if from == into {
+                    continue;
+                }
+                match &plan.logic {
+                    LogicSpec::Fold { .. } => actions.push(PyAction::Merge {
+                        key: key.clone(),
+                        from,
+                        into,
+                    }),
+                    _ => {
+                        if let Some(src) = ks.accs.remove(&from) {
+                            match (ks.accs.get_mut(&into), src) {
+                                (Some(Acc::Count(a)), Acc::Count(b)) => *a += b,
+                                (Some(Acc::Agg(a)), Acc::Agg(b)) => a.merge(b),
+                                (None, src) => {
+                                    ks.accs.insert(into, src);
+                                }
+                                _ => {}
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for (id, meta) in close_for(&plan.windower, &mut ks.windows, wm) {
+            match &plan.logic {
+                LogicSpec::Fold { .. } => actions.push(PyAction::Close {
+                    key: key.clone(),
+                    id,
+                }),
+                LogicSpec::Count => {
+                    let n = match ks.accs.remove(&id) {
+                        Some(Acc::Count(n)) => n,
+                        _ => 0,
+                    };
+                    out.ports[0].push(emit(key, id, Value::Int(n)));
+                }
+                LogicSpec::Aggregate(spec) => {
+                    let r = match ks.accs.remove(&id) {
+                        Some(Acc::Agg(a)) => a.result(spec),
+                        _ => AggAcc::new(spec).result(spec),
+                    };
+                    out.ports[0].push(emit(key, id, r));
+                }
+            }
+            out.ports[2].push(emit(key, id, Value::Meta(Box::new(meta))));
+        }
+        // A key with nothing open is forgotten (Bytewax does the same for
+        // tumbling/sliding windows; for sessions it also bounds memory).
+        let empty = ks.queue.is_empty()
+            && match &ks.windows {
+                Windows::Sliding(open) => open.is_empty(),
+                Windows::Session { sessions, .. } => sessions.is_empty(),
+            };
+        if empty {
+            self.keys.remove(key);
+        }
+    }
+
+    /// Run the batch's Python accumulator work in one job.
+    fn run_py(&mut self, cx: &Cx, actions: Vec<PyAction>, out: &mut Out) {
+        if actions.is_empty() {
+            return;
+        }
+        let LogicSpec::Fold {
+            builder,
+            folder,
+            merger,
+        } = &self.plan.logic
+        else {
+            return;
+        };
+        let (builder, folder, merger) = (builder.clone(), folder.clone(), merger.clone());
+        let file = cx.file.clone();
+        let mut states = self.py_states.take().unwrap_or_default();
+        let res = cx.py.run(move |py| {
+            let mut emitted: Vec<(Arc<str>, i64, Value)> = Vec::new();
+            let mut errors: Vec<(Origin, PyFailure, &'static str)> = Vec::new();
+            let fail = |e: PyErr| PyFailure::capture(py, &e, &file);
+            for action in actions {
+                match action {
+                    PyAction::Fold { key, id, value, at } => {
+                        let slot = (key, id);
+                        let acc = match states.remove(&slot) {
+                            Some(a) => a.into_bound(py),
+                            None => match builder.bind(py).call0() {
+                                Ok(a) => a,
+                                Err(e) => {
+                                    errors.push((at, fail(e), "item skipped (builder failed)"));
+                                    continue;
+                                }
+                            },
+                        };
+                        let r =
+                            to_py(py, &value).and_then(|v| folder.bind(py).call1((acc.clone(), v)));
+                        match r {
+                            Ok(new) => {
+                                states.insert(slot, new.unbind());
+                            }
+                            Err(e) => {
+                                errors.push((at, fail(e), "item skipped, window state kept"));
+                                states.insert(slot, acc.unbind());
+                            }
+                        }
+                    }
+                    PyAction::Merge { key, from, into } => {
+                        let Some(src) = states.remove(&(key.clone(), from)) else {
+                            continue;
+                        };
+                        let Some(dst) = states.remove(&(key.clone(), into)) else {
+                            states.insert((key, into), src);
+                            continue;
+                        };
+                        match merger.bind(py).call1((dst.bind(py), src.bind(py))) {
+                            Ok(m) => {
+                                states.insert((key, into), m.unbind());
+                            }
+                            Err(e) => {
+                                errors.push((
+                                    Origin::default(),
+                                    fail(e),
+                                    "merged window's values dropped",
+                                ));
+                                states.insert((key, into), dst);
+                            }
+                        }
+                    }
+                    PyAction::Close { key, id } => {
+                        let v = match states.remove(&(key.clone(), id)) {
+                            Some(acc) => from_py(acc.bind(py)),
+                            None => match builder.bind(py).call0() {
+                                Ok(a) => from_py(&a),
+                                Err(e) => {
+                                    errors.push((
+                                        Origin::default(),
+                                        fail(e),
+                                        "window emitted nothing",
+                                    ));
+                                    continue;
+                                }
+                            },
+                        };
+                        emitted.push((key, id, v));
+                    }
+                }
+            }
+            (emitted, errors, states)
+        });
+        match res {
+            Ok((emitted, errors, states)) => {
+                self.py_states = Some(states);
+                for (key, id, v) in emitted {
+                    out.ports[0].push(emit(&key, id, v));
+                }
+                for (at, f, fate) in errors {
+                    cx.py_error(&self.step_id, at, &f, fate);
+                }
+            }
+            Err(e) => {
+                tracing::error!(
+                    "flow {} step {:?}: window state lost: {e}",
+                    cx.flow_id,
+                    self.step_id
+                );
+                self.py_states = Some(HashMap::new());
+            }
+        }
+    }
+
+    /// The system instant at which `ks` next needs a flush.
+    fn key_deadline(&self, ks: &KeyState, now: Instant, wall_now: Micros) -> Option<Instant> {
+        let close_due = match (&ks.windows, self.plan.windower) {
+            (Windows::Sliding(open), _) => open.values().map(|m| m.close).min(),
+            (Windows::Session { sessions, .. }, WindowerSpec::Session { gap }) => sessions
+                .values()
+                .map(|m| m.close.saturating_add(gap).saturating_add(1))
+                .min(),
+            _ => None,
+        };
+        let queue_due = if self.plan.ordered {
+            ks.queue.iter().map(|q| q.ts).min()
+        } else {
+            None
+        };
+        let due = match (close_due, queue_due) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b)?,
+        };
+        let (from, wm_then) = match self.plan.clock {
+            ClockSpec::System => (now, wall_now),
+            ClockSpec::Event { .. } => (ks.clock.moved_at, ks.clock.base),
+        };
+        if wm_then == i64::MIN {
+            return None;
+        }
+        let wait = due.saturating_sub(wm_then).max(0) as u64;
+        Some(from + Duration::from_micros(wait))
+    }
+}
+
+fn emit(key: &Arc<str>, id: i64, v: Value) -> Item {
+    Item::new(
+        Value::keyed(key.clone(), Value::Tuple(vec![Value::Int(id), v])),
+        Origin::default(),
+    )
+}
+
+/// Read a timestamp field in Rust.
+fn field_ts(v: &Value, name: &str, unit: TsUnit) -> Result<Micros, String> {
+    let Some(raw) = v.field(name) else {
+        return Err(if matches!(v, Value::Map(_)) {
+            format!("no timestamp field {name:?}")
+        } else {
+            format!(
+                "expects dict values with a timestamp field {name:?}; got a {}",
+                v.type_name()
+            )
+        });
+    };
+    let scale = |x: f64, per_sec: f64| -> Result<Micros, String> {
+        let us = (x * (1e6 / per_sec)).floor();
+        if us.is_finite() && us.abs() < 9.2e18 {
+            Ok(us as i64)
+        } else {
+            Err(format!("timestamp field {name:?} is out of range: {x}"))
+        }
+    };
+    match (raw, unit) {
+        (Value::DateTime(us), _) => Ok(*us),
+        (Value::Int(n), TsUnit::Seconds) => n
+            .checked_mul(1_000_000)
+            .ok_or_else(|| format!("timestamp {n} s is out of range")),
+        (Value::Int(n), TsUnit::Millis) => n
+            .checked_mul(1_000)
+            .ok_or_else(|| format!("timestamp {n} ms is out of range")),
+        (Value::Int(n), TsUnit::Micros) => Ok(*n),
+        (Value::Int(n), TsUnit::Nanos) => Ok(n.div_euclid(1_000)),
+        (Value::Float(x), TsUnit::Seconds) => scale(*x, 1.0),
+        (Value::Float(x), TsUnit::Millis) => scale(*x, 1e3),
+        (Value::Float(x), TsUnit::Micros) => scale(*x, 1e6),
+        (Value::Float(x), TsUnit::Nanos) => scale(*x, 1e9),
+        (Value::Str(s), TsUnit::Iso8601) => time::parse_iso(s)
+            .ok_or_else(|| format!("timestamp field {name:?} is not ISO 8601 text: {s:?}")),
+        (other, unit) => Err(format!(
+            "timestamp field {name:?} is a {} but the clock's unit is {unit:?}",
+            other.type_name()
+        )),
+    }
+}
+
+/// Window ids of a tumbling/sliding windower that contain `ts`.
+fn intersects(
+    length: Micros,
+    offset: Micros,
+    align: Micros,
+    ts: Micros,
+) -> std::ops::RangeInclusive<i64> {
+    let since = ts.saturating_sub(align);
+    let first = since.saturating_sub(length).div_euclid(offset) + 1;
+    let last = since.div_euclid(offset);
+    first..=last
+}
+
+fn open_for(spec: &WindowerSpec, windows: &mut Windows, ts: Micros) -> Vec<i64> {
+    match (spec, windows) {
+        (
+            WindowerSpec::Sliding {
+                length,
+                offset,
+                align,
+            },
+            Windows::Sliding(open),
+        ) => {
+            let ids: Vec<i64> = intersects(*length, *offset, *align, ts).collect();
+            for id in &ids {
+                open.entry(*id).or_insert_with(|| {
+                    let open_time = align + offset * id;
+                    WindowMeta {
+                        open: open_time,
+                        close: open_time + length,
+                        merged_ids: Vec::new(),
+                    }
+                });
+            }
+            ids
+        }
+        (
+            WindowerSpec::Session { gap },
+            Windows::Session {
+                max_id,
+                sessions,
+                merges,
+            },
+        ) => {
+            for (id, meta) in sessions.iter_mut() {
+                let until_open = meta.open - ts;
+                let since_close = ts - meta.close;
+                if until_open <= 0 && since_close <= 0 {
+                    return vec![*id];
+                } else if until_open > 0 && until_open <= *gap {
+                    meta.open = ts;
+                    let id = *id;
+                    find_merges(sessions, *gap, merges);
+                    return vec![id];
+                } else if since_close > 0 && since_close <= *gap {
+                    meta.close = ts;
+                    let id = *id;
+                    find_merges(sessions, *gap, merges);
+                    return vec![id];
+                }
+            }
+            *max_id += 1;
+            sessions.insert(
+                *max_id,
+                WindowMeta {
+                    open: ts,
+                    close: ts,
+                    merged_ids: Vec::new(),
+                },
+            );
+            vec![*max_id]
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Merge sessions that now lie within `gap` of each other (Bytewax's rule:
+/// sort by open time, fold each into the previous if close enough).
+fn find_merges(
+    sessions: &mut BTreeMap<i64, WindowMeta>,
+    gap: Micros,
+    merges: &mut Vec<(i64, i64)>,
+) {
+    if sessions.len() < 2 {
+        return;
+    }
+    let mut order: Vec<(i64, Micros)> = sessions.iter().map(|(id, m)| (*id, m.open)).collect();
+    order.sort_by_key(|(_, open)| *open);
+    let mut last = order[0].0;
+    for (this, _) in order.into_iter().skip(1) {
+        let (this_open, this_close) = {
+            let m = &sessions[&this];
+            (m.open, m.close)
+        };
+        let last_close = sessions[&last].close;
+        if this_open - last_close <= gap {
+            let l = sessions.get_mut(&last).expect("session");
+            l.close = l.close.max(this_close);
+            l.merged_ids.push(this);
+            merges.push((this, last));
+            sessions.remove(&this);
+        } else {
+            last = this;
+        }
+    }
+}
+
+fn close_for(spec: &WindowerSpec, windows: &mut Windows, wm: Micros) -> Vec<(i64, WindowMeta)> {
+    match (spec, windows) {
+        (WindowerSpec::Sliding { .. }, Windows::Sliding(open)) => {
+            let ids: Vec<i64> = open
+                .iter()
+                .filter(|(_, m)| m.close <= wm)
+                .map(|(id, _)| *id)
+                .collect();
+            ids.into_iter()
+                .map(|id| (id, open.remove(&id).expect("open window")))
+                .collect()
+        }
+        (WindowerSpec::Session { gap }, Windows::Session { sessions, .. }) => {
+            let close_after = wm.saturating_sub(*gap);
+            let ids: Vec<i64> = sessions
+                .iter()
+                .filter(|(_, m)| m.close < close_after)
+                .map(|(id, _)| *id)
+                .collect();
+            ids.into_iter()
+                .map(|id| (id, sessions.remove(&id).expect("session")))
+                .collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
+fn late_ids(spec: &WindowerSpec, ts: Micros) -> Vec<i64> {
+    match spec {
+        WindowerSpec::Sliding {
+            length,
+            offset,
+            align,
+        } => intersects(*length, *offset, *align, ts).collect(),
+        WindowerSpec::Session { .. } => vec![LATE_SESSION_ID],
+    }
+}
+
+impl Operator for WindowOp {
+    fn on_batch(&mut self, cx: &Cx, _port: usize, batch: Vec<Item>, out: &mut Out) {
+        let now = Instant::now();
+        let wall_now = time::now_utc();
+        let mut values = Vec::with_capacity(batch.len());
+        for item in batch {
+            match item.v.into_keyed() {
+                Ok((k, v)) => values.push((k, v, item.at)),
+                Err(v) => cx.skip(&self.step_id, "not_keyed", item.at, || {
+                    super::stateless::not_keyed(&v)
+                }),
+            }
+        }
+        let stamps = self.timestamps(cx, &values, wall_now);
+        let wait = match self.plan.clock {
+            ClockSpec::Event { wait, .. } => wait,
+            ClockSpec::System => 0,
+        };
+        // Per key, in order of first appearance, with the key's last watermark.
+        let mut touched: Vec<(Arc<str>, Micros)> = Vec::new();
+        let mut touched_at: HashMap<Arc<str>, usize> = HashMap::new();
+        let mut late = 0u64;
+        for ((key, value, at), ts) in values.into_iter().zip(stamps) {
+            let Some(ts) = ts else { continue };
+            if !self.keys.contains_key(&key) {
+                let ks = self.new_key(now);
+                self.keys.insert(key.clone(), ks);
+            }
+            let clock = self.keys[&key].clock;
+            let mut wm = self.watermark(cx, &clock, now, wall_now);
+            if let ClockSpec::Event { .. } = self.plan.clock {
+                let candidate = ts.saturating_sub(wait);
+                if candidate > wm {
+                    let ks = self.keys.get_mut(&key).expect("key state");
+                    ks.clock = Clock {
+                        base: candidate,
+                        moved_at: now,
+                    };
+                    wm = candidate;
+                }
+            }
+            if ts < wm {
+                late += 1;
+                for id in late_ids(&self.plan.windower, ts) {
+                    out.ports[1].push(Item::new(
+                        Value::keyed(
+                            key.clone(),
+                            Value::Tuple(vec![Value::Int(id), value.clone()]),
+                        ),
+                        at,
+                    ));
+                }
+            } else {
+                self.keys
+                    .get_mut(&key)
+                    .expect("key state")
+                    .queue
+                    .push(Queued { value, ts, at });
+            }
+            match touched_at.get(&key) {
+                Some(i) => touched[*i].1 = wm,
+                None => {
+                    touched_at.insert(key.clone(), touched.len());
+                    touched.push((key, wm));
+                }
+            }
+        }
+        cx.counters.add(&format!("{}.late", self.step_id), late);
+        let mut actions = Vec::new();
+        for (key, wm) in touched {
+            self.flush_key(&key, wm, out, &mut actions);
+        }
+        self.run_py(cx, actions, out);
+    }
+
+    fn on_eof(&mut self, cx: &Cx, out: &mut Out) {
+        let mut keys: Vec<Arc<str>> = self.keys.keys().cloned().collect();
+        keys.sort();
+        let mut actions = Vec::new();
+        for key in keys {
+            self.flush_key(&key, i64::MAX, out, &mut actions);
+        }
+        self.run_py(cx, actions, out);
+    }
+
+    fn on_tick(&mut self, cx: &Cx, now: Instant, out: &mut Out) {
+        let wall_now = time::now_utc();
+        let due: Vec<(Arc<str>, Micros)> = self
+            .keys
+            .iter()
+            .filter(|(_, ks)| {
+                self.key_deadline(ks, now, wall_now)
+                    .is_some_and(|d| d <= now)
+            })
+            .map(|(k, ks)| (k.clone(), self.watermark(cx, &ks.clock, now, wall_now)))
+            .collect();
+        let mut actions = Vec::new();
+        for (key, wm) in due {
+            self.flush_key(&key, wm, out, &mut actions);
+        }
+        self.run_py(cx, actions, out);
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        let now = Instant::now();
+        let wall_now = time::now_utc();
+        self.keys
+            .values()
+            .filter_map(|ks| self.key_deadline(ks, now, wall_now))
+            .min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sliding_window_ids_follow_bytewax_alignment_including_negative_ids() {
+        // length 10, offset 5, aligned at 0: ts 12 is in [5,15) id 1 and [10,20) id 2.
+        assert_eq!(intersects(10, 5, 0, 12).collect::<Vec<_>>(), vec![1, 2]);
+        // Open inclusive, close exclusive: ts 10 is in [5,15) and [10,20), not [0,10).
+        assert_eq!(intersects(10, 5, 0, 10).collect::<Vec<_>>(), vec![1, 2]);
+        // Before the alignment point ids are negative.
+        assert_eq!(intersects(10, 10, 100, 95).collect::<Vec<_>>(), vec![-1]);
+    }
+
+    #[test]
+    fn sessions_that_grow_into_each_other_merge_into_the_older_one() {
+        let spec = WindowerSpec::Session { gap: 10 };
+        let mut w = Windows::Session {
+            max_id: LATE_SESSION_ID,
+            sessions: BTreeMap::new(),
+            merges: Vec::new(),
+        };
+        assert_eq!(open_for(&spec, &mut w, 0), vec![0]);
+        assert_eq!(open_for(&spec, &mut w, 20), vec![1]);
+        // 10 extends session 0 to [0,10], which is now within 10 of session 1.
+        assert_eq!(open_for(&spec, &mut w, 10), vec![0]);
+        let Windows::Session {
+            sessions, merges, ..
+        } = &w
+        else {
+            unreachable!()
+        };
+        assert_eq!(merges, &vec![(1, 0)]);
+        assert_eq!(
+            sessions[&0],
+            WindowMeta {
+                open: 0,
+                close: 30,
+                merged_ids: vec![1]
+            }
+        );
+    }
+
+    #[test]
+    fn timestamp_fields_are_read_in_the_clocks_unit() {
+        let v = |x: Value| Value::Map(vec![(Arc::from("ts"), x)]);
+        assert_eq!(
+            field_ts(&v(Value::Int(2)), "ts", TsUnit::Seconds),
+            Ok(2_000_000)
+        );
+        assert_eq!(
+            field_ts(&v(Value::Float(1.5)), "ts", TsUnit::Millis),
+            Ok(1_500)
+        );
+        assert_eq!(field_ts(&v(Value::Int(1_999)), "ts", TsUnit::Nanos), Ok(1));
+        assert_eq!(
+            field_ts(
+                &v(Value::str("1970-01-01T00:00:01Z")),
+                "ts",
+                TsUnit::Iso8601
+            ),
+            Ok(1_000_000)
+        );
+        assert!(field_ts(&v(Value::str("soon")), "ts", TsUnit::Seconds).is_err());
+        assert!(field_ts(&Value::Map(vec![]), "ts", TsUnit::Seconds).is_err());
+    }
+}

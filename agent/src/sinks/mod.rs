@@ -1,0 +1,139 @@
+//! Sinks: where output steps write. Each writes JSON lines (tuples as
+//! arrays, datetimes as RFC 3339 text). Items holding Python objects are
+//! resolved to JSON form on the Python thread first, one job per batch.
+//! Adding a sink (MQTT outbox) adds a file here; the engine does not change.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use crate::engine::{Cx, Operator, Out};
+use crate::flow::SinkSpec;
+use crate::json;
+use crate::python::convert::resolve_for_json;
+use crate::value::{Item, Value};
+
+/// Where replay output goes: one shared writer for every output step.
+pub(crate) type SharedOut = Arc<Mutex<Box<dyn Write + Send>>>;
+
+enum Target {
+    /// `runnel replay`: `{"step": ..., "item": ...}` lines.
+    Replay(SharedOut),
+    Stdout,
+    File {
+        path: PathBuf,
+        w: Option<BufWriter<File>>,
+    },
+}
+
+/// An output step.
+pub(crate) struct OutputOp {
+    step_id: String,
+    target: Target,
+}
+
+impl OutputOp {
+    pub(crate) fn replay(step_id: String, out: SharedOut) -> OutputOp {
+        OutputOp {
+            step_id,
+            target: Target::Replay(out),
+        }
+    }
+
+    pub(crate) fn sink(step_id: String, spec: &SinkSpec) -> OutputOp {
+        let target = match spec {
+            SinkSpec::Stdout => Target::Stdout,
+            SinkSpec::File(path) => Target::File {
+                path: path.clone(),
+                w: None,
+            },
+        };
+        OutputOp { step_id, target }
+    }
+
+    fn render(&self, items: &[Value]) -> String {
+        let mut text = String::with_capacity(items.len() * 64);
+        for v in items {
+            match &self.target {
+                Target::Replay(_) => json::replay_line(&self.step_id, v, &mut text),
+                _ => {
+                    json::write(v, &mut text);
+                    text.push('\n');
+                }
+            }
+        }
+        text
+    }
+}
+
+impl Operator for OutputOp {
+    fn on_batch(&mut self, cx: &Cx, _port: usize, batch: Vec<Item>, _out: &mut Out) {
+        cx.counters
+            .add(&format!("{}.items", self.step_id), batch.len() as u64);
+        let mut values: Vec<Value> = batch.into_iter().map(|i| i.v).collect();
+        if values.iter().any(Value::has_py) {
+            match cx.py.run(move |py| {
+                values
+                    .into_iter()
+                    .map(|v| resolve_for_json(py, v))
+                    .collect::<Vec<_>>()
+            }) {
+                Ok(v) => values = v,
+                Err(e) => {
+                    tracing::error!(
+                        "flow {} output {:?}: could not render items: {e}",
+                        cx.flow_id,
+                        self.step_id
+                    );
+                    return;
+                }
+            }
+        }
+        let text = self.render(&values);
+        let step = &self.step_id;
+        let result = match &mut self.target {
+            Target::Replay(w) => w
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .write_all(text.as_bytes()),
+            Target::Stdout => std::io::stdout().lock().write_all(text.as_bytes()),
+            Target::File { path, w } => {
+                if w.is_none() {
+                    if let Some(dir) = path.parent() {
+                        let _ = std::fs::create_dir_all(dir);
+                    }
+                    match OpenOptions::new().create(true).append(true).open(&*path) {
+                        Ok(f) => *w = Some(BufWriter::with_capacity(64 * 1024, f)),
+                        Err(e) => {
+                            cx.counters
+                                .add(&format!("{step}.write_errors"), values.len() as u64);
+                            cx.warnings.warn(&format!("flow {} output {step}: open", cx.flow_id), || {
+                                format!("flow {} output {step:?}: cannot open {}: {e}; {} items not written", cx.flow_id, path.display(), values.len())
+                            });
+                            return;
+                        }
+                    }
+                }
+                w.as_mut().expect("opened").write_all(text.as_bytes())
+            }
+        };
+        if let Err(e) = result {
+            cx.counters
+                .add(&format!("{step}.write_errors"), values.len() as u64);
+            cx.warnings
+                .warn(&format!("flow {} output {step}: write", cx.flow_id), || {
+                    format!("flow {} output {step:?}: write failed: {e}", cx.flow_id)
+                });
+        }
+    }
+
+    fn flush(&mut self, _cx: &Cx) {
+        let _ = match &mut self.target {
+            Target::Replay(w) => w.lock().unwrap_or_else(|p| p.into_inner()).flush(),
+            Target::Stdout => std::io::stdout().lock().flush(),
+            Target::File { w: Some(w), .. } => w.flush(),
+            Target::File { w: None, .. } => Ok(()),
+        };
+    }
+}
