@@ -815,7 +815,7 @@ mod tests {
             sessions[&0],
             WindowMeta {
                 open: 0,
-                close: 30,
+                close: 20,
                 merged_ids: vec![1]
             }
         );
