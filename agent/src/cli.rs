@@ -67,8 +67,8 @@ const DEMO_FLOW: &str = include_str!("../../flows/demo.py");
 const DEMO_CAPTURE: &str = include_str!("../../flows/captures/greenhouse.jsonl");
 
 fn init_logging(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -132,11 +132,7 @@ fn check(path: &Path) -> anyhow::Result<ExitCode> {
         Ok(file) => {
             for plan in &file.flows {
                 print!("{}", flow::describe(plan));
-                if !plan
-                    .steps
-                    .iter()
-                    .any(|s| matches!(s.kind, StepKind::Output(_)))
-                {
+                if !plan.steps.iter().any(|s| matches!(s.kind, StepKind::Output(_))) {
                     eprintln!(
                         "warning: flow {:?} has no output step; its results go nowhere",
                         plan.flow_id
@@ -228,27 +224,18 @@ fn replay(path: &Path, inputs: &[String], keep_sinks: bool) -> anyhow::Result<Ex
 
 /// One summary line per flow on stderr: what came in, went out, was skipped.
 pub(crate) fn summarize(report: &FlowReport) {
-    let parts: Vec<String> = report
-        .counters
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
+    let parts: Vec<String> = report.counters.iter().map(|(k, v)| format!("{k}={v}")).collect();
     tracing::info!(
         "flow {} {}: {}",
         report.flow_id,
-        if report.stopped_early {
-            "stopped"
-        } else {
-            "finished"
-        },
+        if report.stopped_early { "stopped" } else { "finished" },
         parts.join(" ")
     );
 }
 
 fn demo() -> anyhow::Result<ExitCode> {
     let dir = std::env::temp_dir().join(format!("runnel-demo-{}", std::process::id()));
-    std::fs::create_dir_all(dir.join("captures"))
-        .with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::create_dir_all(dir.join("captures")).with_context(|| format!("cannot create {}", dir.display()))?;
     let flow_path = dir.join("demo.py");
     std::fs::write(&flow_path, DEMO_FLOW)?;
     std::fs::write(dir.join("captures/greenhouse.jsonl"), DEMO_CAPTURE)?;

@@ -35,10 +35,10 @@ fn default_log_level() -> String {
 
 impl Config {
     pub(crate) fn load(path: &Path) -> anyhow::Result<Config> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read config file {}", path.display()))?;
-        let mut config: Config = toml::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+        let mut config: Config =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?;
         // Relative folders are relative to the config file.
         let base = path.parent().unwrap_or(Path::new("."));
         for dir in [&mut config.state_dir, &mut config.flows_dir] {
@@ -71,10 +71,7 @@ mod tests {
         let path = dir.join("runnel.toml");
         std::fs::write(&path, "flows_dri = \"flows\"\n").unwrap();
         let err = Config::load(&path).unwrap_err().to_string();
-        assert!(
-            err.contains("runnel.toml") && err.contains("flows_dri"),
-            "{err}"
-        );
+        assert!(err.contains("runnel.toml") && err.contains("flows_dri"), "{err}");
         std::fs::write(&path, "device_id = \"pi-7\"\nflows_dir = \"flows\"\n").unwrap();
         let c = Config::load(&path).unwrap();
         assert_eq!(c.device_id(), "pi-7");

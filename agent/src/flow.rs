@@ -24,10 +24,7 @@ pub(crate) type PyFn = Arc<Py<PyAny>>;
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum LoadError {
     #[error("cannot read flow file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("{location}: {message}\n{traceback}")]
     Python {
         location: String,
@@ -255,11 +252,7 @@ pub(crate) struct AggSpec {
 }
 
 pub(crate) enum LogicSpec {
-    Fold {
-        builder: PyFn,
-        folder: PyFn,
-        merger: PyFn,
-    },
+    Fold { builder: PyFn, folder: PyFn, merger: PyFn },
     Count,
     Aggregate(AggSpec),
 }
@@ -280,12 +273,7 @@ impl WindowPlan {
                 let fields: Vec<String> = a
                     .fields
                     .iter()
-                    .map(|(f, s)| {
-                        format!(
-                            "{f}: {}",
-                            s.iter().map(|s| s.name()).collect::<Vec<_>>().join(",")
-                        )
-                    })
+                    .map(|(f, s)| format!("{f}: {}", s.iter().map(|s| s.name()).collect::<Vec<_>>().join(",")))
                     .collect();
                 format!("aggregate {{{}}} (native)", fields.join("; "))
             }
@@ -296,10 +284,7 @@ impl WindowPlan {
                 getter: TsGetter::Field { name, unit },
                 wait,
             } => {
-                format!(
-                    "event clock field {name:?} unit {unit:?} wait {}",
-                    fmt_micros(*wait)
-                )
+                format!("event clock field {name:?} unit {unit:?} wait {}", fmt_micros(*wait))
             }
             ClockSpec::Event {
                 getter: TsGetter::Py(_),
@@ -310,11 +295,9 @@ impl WindowPlan {
             WindowerSpec::Sliding { length, offset, .. } if length == offset => {
                 format!("tumbling {}", fmt_micros(length))
             }
-            WindowerSpec::Sliding { length, offset, .. } => format!(
-                "sliding {} every {}",
-                fmt_micros(length),
-                fmt_micros(offset)
-            ),
+            WindowerSpec::Sliding { length, offset, .. } => {
+                format!("sliding {} every {}", fmt_micros(length), fmt_micros(offset))
+            }
             WindowerSpec::Session { gap } => format!("session gap {}", fmt_micros(gap)),
         };
         format!("window {logic}, {windower}, {clock}")
@@ -344,13 +327,7 @@ fn load_on_python_thread(py: Python<'_>, path: &Path, source: &str) -> Result<Fl
     let file = path.display().to_string();
     let dir = path
         .parent()
-        .map(|p| {
-            if p.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                p
-            }
-        })
+        .map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p })
         .unwrap_or(Path::new("."));
     let fail = |err: PyErr| {
         let f = PyFailure::capture(py, &err, &file);
@@ -365,15 +342,10 @@ fn load_on_python_thread(py: Python<'_>, path: &Path, source: &str) -> Result<Fl
     created.call_method0("clear").map_err(fail)?;
 
     // The flow file's folder is importable, as with `python flow.py`.
-    let sys_path = py
-        .import("sys")
-        .and_then(|s| s.getattr("path"))
-        .map_err(fail)?;
+    let sys_path = py.import("sys").and_then(|s| s.getattr("path")).map_err(fail)?;
     let dir_text = dir.display().to_string();
     if !sys_path.contains(&dir_text).unwrap_or(false) {
-        sys_path
-            .call_method1("insert", (0, &dir_text))
-            .map_err(fail)?;
+        sys_path.call_method1("insert", (0, &dir_text)).map_err(fail)?;
     }
 
     let builtins = py.import("builtins").map_err(fail)?;
@@ -382,9 +354,7 @@ fn load_on_python_thread(py: Python<'_>, path: &Path, source: &str) -> Result<Fl
         .and_then(|c| c.call1((source, &file, "exec")))
         .map_err(fail)?;
     let globals = PyDict::new(py);
-    globals
-        .set_item("__name__", "__runnel_flow__")
-        .map_err(fail)?;
+    globals.set_item("__name__", "__runnel_flow__").map_err(fail)?;
     globals.set_item("__file__", &file).map_err(fail)?;
     globals.set_item("__builtins__", &builtins).map_err(fail)?;
     builtins
@@ -437,12 +407,7 @@ fn attr<'py, T: for<'a> FromPyObjectOwned<'py>>(o: &Bound<'py, PyAny>, name: &st
 
 use pyo3::conversion::FromPyObjectOwned;
 
-fn read_flow(
-    py: Python<'_>,
-    flow: &Bound<'_, PyAny>,
-    file: &str,
-    dir: &Path,
-) -> Result<FlowPlan, ReadErr> {
+fn read_flow(py: Python<'_>, flow: &Bound<'_, PyAny>, file: &str, dir: &Path) -> Result<FlowPlan, ReadErr> {
     let flow_id: String = attr(flow, "flow_id")?;
     let location: String = attr(flow, "_where")?;
     let mut steps = Vec::new();
@@ -459,9 +424,7 @@ fn read_flow(
         let step_kind = match kind.as_str() {
             "input" => StepKind::Input(read_source(&p("source")?, dir)?),
             "output" => StepKind::Output(read_sink(&p("sink")?, dir)?),
-            "key_on_field" => {
-                StepKind::KeyOnField(Arc::from(p("field")?.extract::<String>()?.as_str()))
-            }
+            "key_on_field" => StepKind::KeyOnField(Arc::from(p("field")?.extract::<String>()?.as_str())),
             "key_rm" => StepKind::KeyRm,
             "merge" => StepKind::Merge,
             "collect" => StepKind::Collect {
@@ -551,12 +514,7 @@ fn read_sink(sink: &Bound<'_, PyAny>, dir: &Path) -> Result<SinkSpec, ReadErr> {
     }
 }
 
-fn read_window(
-    py: Python<'_>,
-    params: &Bound<'_, PyAny>,
-    step_id: &str,
-    where_: &str,
-) -> Result<WindowPlan, ReadErr> {
+fn read_window(py: Python<'_>, params: &Bound<'_, PyAny>, step_id: &str, where_: &str) -> Result<WindowPlan, ReadErr> {
     let clock = params.get_item("clock")?;
     let clock_cls: String = clock.get_type().name()?.to_string();
     let clock = if clock_cls == "SystemClock" {
@@ -612,11 +570,7 @@ fn read_window(
         "aggregate" => {
             let spec = params.get_item("spec")?;
             let mut fields = Vec::new();
-            for (name, stats) in spec
-                .cast::<PyDict>()
-                .map_err(|e| ReadErr::Py(e.into()))?
-                .iter()
-            {
+            for (name, stats) in spec.cast::<PyDict>().map_err(|e| ReadErr::Py(e.into()))?.iter() {
                 let name: String = name.extract()?;
                 let stats: Vec<String> = stats.extract()?;
                 let stats = stats.iter().filter_map(|s| Stat::parse(s)).collect();
@@ -658,11 +612,7 @@ pub(crate) fn describe(plan: &FlowPlan) -> String {
             _ => "",
         }
     };
-    let kinds: HashMap<&str, &StepKind> = plan
-        .steps
-        .iter()
-        .map(|s| (s.step_id.as_str(), &s.kind))
-        .collect();
+    let kinds: HashMap<&str, &StepKind> = plan.steps.iter().map(|s| (s.step_id.as_str(), &s.kind)).collect();
     let mut out = format!(
         "flow {:?} ({}) — {} steps\n",
         plan.flow_id,

@@ -14,34 +14,50 @@ use crate::value::Value;
 /// that repeat from record to record (sensor payloads all look alike).
 #[derive(Default)]
 pub(crate) struct Decoder {
-    names: Vec<Arc<str>>,
+    names: Names,
+}
+
+/// Field names and short text values seen before, shared instead of
+/// allocated again: sensor ids and field names repeat on every line, and a
+/// shared `Arc<str>` also lets the Python thread reuse one Python string.
+#[derive(Default)]
+struct Names {
+    known: rustc_hash::FxHashMap<Box<str>, Arc<str>>,
+}
+
+/// Texts longer than this are not shared (they rarely repeat).
+const SHARE_UP_TO: usize = 32;
+/// Forget everything past this many distinct texts (bounded memory).
+const SHARE_MAX: usize = 4096;
+
+impl Names {
+    fn get(&mut self, s: &str) -> Arc<str> {
+        if s.len() > SHARE_UP_TO {
+            return Arc::from(s);
+        }
+        if let Some(a) = self.known.get(s) {
+            return a.clone();
+        }
+        if self.known.len() >= SHARE_MAX {
+            self.known.clear();
+        }
+        let a: Arc<str> = Arc::from(s);
+        self.known.insert(Box::from(s), a.clone());
+        a
+    }
 }
 
 impl Decoder {
     pub(crate) fn decode(&mut self, text: &[u8]) -> Result<Value, serde_json::Error> {
         let mut de = serde_json::Deserializer::from_slice(text);
-        let v = ValueSeed {
-            names: &mut self.names,
-        }
-        .deserialize(&mut de)?;
+        let v = ValueSeed { names: &mut self.names }.deserialize(&mut de)?;
         de.end()?;
         Ok(v)
     }
 }
 
 struct ValueSeed<'a> {
-    names: &'a mut Vec<Arc<str>>,
-}
-
-fn intern(names: &mut Vec<Arc<str>>, s: &str) -> Arc<str> {
-    if let Some(n) = names.iter().find(|n| &***n == s) {
-        return n.clone();
-    }
-    let n: Arc<str> = Arc::from(s);
-    if names.len() < 64 {
-        names.push(n.clone());
-    }
-    n
+    names: &'a mut Names,
 }
 
 impl<'de> DeserializeSeed<'de> for ValueSeed<'_> {
@@ -66,15 +82,13 @@ impl<'de> Visitor<'de> for ValueSeed<'_> {
         Ok(Value::Int(n))
     }
     fn visit_u64<E>(self, n: u64) -> Result<Value, E> {
-        Ok(i64::try_from(n)
-            .map(Value::Int)
-            .unwrap_or(Value::Float(n as f64)))
+        Ok(i64::try_from(n).map(Value::Int).unwrap_or(Value::Float(n as f64)))
     }
     fn visit_f64<E>(self, n: f64) -> Result<Value, E> {
         Ok(Value::Float(n))
     }
     fn visit_str<E>(self, s: &str) -> Result<Value, E> {
-        Ok(Value::str(s))
+        Ok(Value::Str(self.names.get(s)))
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
         let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(4));
@@ -85,8 +99,7 @@ impl<'de> Visitor<'de> for ValueSeed<'_> {
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         let mut out: Vec<(Arc<str>, Value)> = Vec::with_capacity(map.size_hint().unwrap_or(4));
-        while let Some(k) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-            let name = intern(self.names, &k);
+        while let Some(name) = map.next_key_seed(KeySeed { names: self.names })? {
             let v = map.next_value_seed(ValueSeed { names: self.names })?;
             // Like Python's json.loads, a repeated name keeps the last value.
             if let Some(slot) = out.iter_mut().find(|(n, _)| *n == name) {
@@ -96,6 +109,28 @@ impl<'de> Visitor<'de> for ValueSeed<'_> {
             }
         }
         Ok(Value::Map(out))
+    }
+}
+
+/// A field name, shared through `Names` without an intermediate `String`.
+struct KeySeed<'a> {
+    names: &'a mut Names,
+}
+
+impl<'de> DeserializeSeed<'de> for KeySeed<'_> {
+    type Value = Arc<str>;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Arc<str>, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeySeed<'_> {
+    type Value = Arc<str>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a field name")
+    }
+    fn visit_str<E>(self, s: &str) -> Result<Arc<str>, E> {
+        Ok(self.names.get(s))
     }
 }
 

@@ -73,9 +73,7 @@ impl Warnings {
             w.logged += 1;
             let text = message();
             if w.logged == BURST {
-                tracing::warn!(
-                    "{text}\n(further '{key}' warnings are counted, and summarised once a minute)"
-                );
+                tracing::warn!("{text}\n(further '{key}' warnings are counted, and summarised once a minute)");
             } else {
                 tracing::warn!("{text}");
             }

@@ -9,9 +9,7 @@ use crate::value::Micros;
 /// there are microseconds, offset written `+00:00`.
 pub(crate) fn iso(us: Micros) -> String {
     match DateTime::<Utc>::from_timestamp_micros(us) {
-        Some(dt) if us.rem_euclid(1_000_000) == 0 => {
-            dt.format("%Y-%m-%dT%H:%M:%S+00:00").to_string()
-        }
+        Some(dt) if us.rem_euclid(1_000_000) == 0 => dt.format("%Y-%m-%dT%H:%M:%S+00:00").to_string(),
         Some(dt) => dt.format("%Y-%m-%dT%H:%M:%S%.6f+00:00").to_string(),
         None => format!("<out of range: {us} µs>"),
     }
@@ -32,11 +30,7 @@ pub(crate) fn parse_iso(s: &str) -> Option<Micros> {
             return Some(dt.timestamp_micros());
         }
     }
-    for fmt in [
-        "%Y-%m-%dT%H:%M:%S%.f",
-        "%Y-%m-%d %H:%M:%S%.f",
-        "%Y-%m-%dT%H:%M",
-    ] {
+    for fmt in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M"] {
         if let Ok(dt) = NaiveDateTime::parse_from_str(s, fmt) {
             return Some(dt.and_utc().timestamp_micros());
         }
@@ -56,10 +50,7 @@ mod tests {
     #[test]
     fn iso_text_matches_python_isoformat() {
         assert_eq!(iso(1_704_067_210_000_000), "2024-01-01T00:00:10+00:00");
-        assert_eq!(
-            iso(1_704_067_210_250_000),
-            "2024-01-01T00:00:10.250000+00:00"
-        );
+        assert_eq!(iso(1_704_067_210_250_000), "2024-01-01T00:00:10.250000+00:00");
         assert_eq!(iso(-1), "1969-12-31T23:59:59.999999+00:00");
     }
 

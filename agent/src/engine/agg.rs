@@ -17,15 +17,19 @@ struct FieldAcc {
     last: Option<Value>,
     /// Kept only when a percentile is asked for.
     values: Option<Vec<f64>>,
+    /// Whether to keep the running variance (costs a division per value).
+    variance: bool,
 }
 
 impl FieldAcc {
     fn add(&mut self, raw: &Value, x: f64) {
         self.count += 1;
         self.sum += x;
-        let delta = x - self.mean;
-        self.mean += delta / self.count as f64;
-        self.m2 += delta * (x - self.mean);
+        if self.variance {
+            let delta = x - self.mean;
+            self.mean += delta / self.count as f64;
+            self.m2 += delta * (x - self.mean);
+        }
         if self.count == 1 {
             self.min = x;
             self.max = x;
@@ -105,9 +109,7 @@ pub(crate) struct AggAcc {
 }
 
 fn wants_values(stats: &[Stat]) -> bool {
-    stats
-        .iter()
-        .any(|s| matches!(s, Stat::P50 | Stat::P90 | Stat::P99))
+    stats.iter().any(|s| matches!(s, Stat::P50 | Stat::P90 | Stat::P99))
 }
 
 impl AggAcc {
@@ -118,6 +120,7 @@ impl AggAcc {
                 .iter()
                 .map(|(_, stats)| FieldAcc {
                     values: wants_values(stats).then(Vec::new),
+                    variance: stats.contains(&Stat::Stddev),
                     ..FieldAcc::default()
                 })
                 .collect(),

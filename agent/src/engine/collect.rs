@@ -41,19 +41,14 @@ impl Operator for CollectOp {
         for item in batch {
             match item.v.into_keyed() {
                 Ok((k, v)) => {
-                    let entry = self
-                        .lists
-                        .entry(k.clone())
-                        .or_insert_with(|| (now, Vec::new()));
+                    let entry = self.lists.entry(k.clone()).or_insert_with(|| (now, Vec::new()));
                     entry.1.push(v);
                     if entry.1.len() >= self.max_size {
                         let (_, values) = self.lists.remove(&k).expect("list");
                         out.ports[0].push(emit(k, values));
                     }
                 }
-                Err(v) => cx.skip(&self.step_id, "not_keyed", item.at, || {
-                    super::stateless::not_keyed(&v)
-                }),
+                Err(v) => cx.skip(&self.step_id, "not_keyed", item.at, || super::stateless::not_keyed(&v)),
             }
         }
     }

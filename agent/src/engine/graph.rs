@@ -61,9 +61,7 @@ impl Engine {
             return;
         }
         let mut out = Out::new(self.nodes[node].consumers.len());
-        self.nodes[node]
-            .op
-            .on_batch(&self.cx, port, batch, &mut out);
+        self.nodes[node].op.on_batch(&self.cx, port, batch, &mut out);
         self.route(node, out);
     }
 
@@ -126,12 +124,7 @@ pub(crate) fn run_flow(
         .spawn(move || engine_main(plan, opts, py, rt))
 }
 
-fn engine_main(
-    plan: FlowPlan,
-    opts: FlowOptions,
-    py: PyRunner,
-    rt: tokio::runtime::Handle,
-) -> FlowReport {
+fn engine_main(plan: FlowPlan, opts: FlowOptions, py: PyRunner, rt: tokio::runtime::Handle) -> FlowReport {
     let counters = Counters::default();
     let warnings = Warnings::default();
     let (tx, mut rx) = mpsc::channel::<SourceMsg>(8);
@@ -156,12 +149,7 @@ fn engine_main(
                     .cloned()
                     .unwrap_or_else(|| SourceConfig::from_spec(spec));
                 origins.push(config.origin_name());
-                sources.push((
-                    input_nodes.len(),
-                    s.step_id.clone(),
-                    (origins.len() - 1) as u32,
-                    config,
-                ));
+                sources.push((input_nodes.len(), s.step_id.clone(), (origins.len() - 1) as u32, config));
                 input_nodes.push(nodes.len());
                 Box::new(InputOp {
                     step_id: s.step_id.clone(),
@@ -185,9 +173,7 @@ fn engine_main(
                 step_id: s.step_id.clone(),
             }),
             StepKind::Merge => Box::new(MergeOp),
-            StepKind::Collect { timeout, max_size } => {
-                Box::new(CollectOp::new(s.step_id.clone(), *timeout, *max_size))
-            }
+            StepKind::Collect { timeout, max_size } => Box::new(CollectOp::new(s.step_id.clone(), *timeout, *max_size)),
             StepKind::Window(_) => {
                 // Moved out below (plans own Python handles we cannot clone here).
                 Box::new(MergeOp)

@@ -76,13 +76,7 @@ impl Cx {
     }
 
     /// Count and log (rate-limited) an item a step could not handle.
-    pub(crate) fn skip(
-        &self,
-        step: &str,
-        cause: &str,
-        at: Origin,
-        message: impl FnOnce() -> String,
-    ) {
+    pub(crate) fn skip(&self, step: &str, cause: &str, at: Origin, message: impl FnOnce() -> String) {
         self.counters.add(&format!("{step}.skipped.{cause}"), 1);
         let key = format!("flow {} step {step}: {cause}", self.flow_id);
         self.warnings.warn(&key, || {

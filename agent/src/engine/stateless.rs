@@ -21,8 +21,7 @@ pub(crate) struct InputOp {
 
 impl Operator for InputOp {
     fn on_batch(&mut self, cx: &Cx, _port: usize, batch: Vec<Item>, out: &mut Out) {
-        cx.counters
-            .add(&format!("{}.items", self.step_id), batch.len() as u64);
+        cx.counters.add(&format!("{}.items", self.step_id), batch.len() as u64);
         out.ports[0] = batch;
     }
 }
@@ -53,10 +52,7 @@ impl Operator for KeyRmOp {
 }
 
 pub(crate) fn not_keyed(v: &Value) -> String {
-    format!(
-        "expects (key, value) 2-tuples with a str key; got a {}",
-        v.type_name()
-    )
+    format!("expects (key, value) 2-tuples with a str key; got a {}", v.type_name())
 }
 
 /// `op.key_on` with a field name: the key is read in Rust.
@@ -143,8 +139,7 @@ impl Operator for PyOp {
                 }
             }
             Err(e) => {
-                cx.counters
-                    .add(&format!("{}.python_errors", self.step_id), n as u64);
+                cx.counters.add(&format!("{}.python_errors", self.step_id), n as u64);
                 tracing::error!(
                     "flow {} step {:?}: a batch of {n} items was lost: {e}",
                     cx.flow_id,
@@ -171,13 +166,7 @@ fn run_batch(
 ) -> JobResult {
     let f = f.bind(py);
     let mut ports: Vec<Vec<Item>> = (0..n_ports)
-        .map(|_| {
-            Vec::with_capacity(if kind == PyOpKind::Filter {
-                batch.len()
-            } else {
-                0
-            })
-        })
+        .map(|_| Vec::with_capacity(if kind == PyOpKind::Filter { batch.len() } else { 0 }))
         .collect();
     let mut errors = Vec::new();
     let fail = |e: PyErr| ItemError::Py(PyFailure::capture(py, &e, file));
@@ -188,8 +177,7 @@ fn run_batch(
         let result = (|| -> Result<(), ItemError> {
             let list = PyList::empty(py);
             for item in &batch {
-                list.append(to_py(py, &item.v).map_err(fail)?)
-                    .map_err(fail)?;
+                list.append(to_py(py, &item.v).map_err(fail)?).map_err(fail)?;
             }
             let r = f.call1((list,)).map_err(fail)?;
             for x in r.try_iter().map_err(|_| {
@@ -213,15 +201,11 @@ fn run_batch(
         let result = (|| -> Result<(), ItemError> {
             match kind {
                 PyOpKind::Map => {
-                    let r = f
-                        .call1((to_py(py, &item.v).map_err(fail)?,))
-                        .map_err(fail)?;
+                    let r = f.call1((to_py(py, &item.v).map_err(fail)?,)).map_err(fail)?;
                     ports[0].push(Item::new(from_py(&r), at));
                 }
                 PyOpKind::Filter | PyOpKind::Branch => {
-                    let r = f
-                        .call1((to_py(py, &item.v).map_err(fail)?,))
-                        .map_err(fail)?;
+                    let r = f.call1((to_py(py, &item.v).map_err(fail)?,)).map_err(fail)?;
                     let keep = want_bool(name, &r)?;
                     let port = if keep {
                         0
@@ -233,25 +217,19 @@ fn run_batch(
                     ports[port].push(item.clone());
                 }
                 PyOpKind::FilterMap => {
-                    let r = f
-                        .call1((to_py(py, &item.v).map_err(fail)?,))
-                        .map_err(fail)?;
+                    let r = f.call1((to_py(py, &item.v).map_err(fail)?,)).map_err(fail)?;
                     if !r.is_none() {
                         ports[0].push(Item::new(from_py(&r), at));
                     }
                 }
                 PyOpKind::FlatMap => {
-                    let r = f
-                        .call1((to_py(py, &item.v).map_err(fail)?,))
-                        .map_err(fail)?;
+                    let r = f.call1((to_py(py, &item.v).map_err(fail)?,)).map_err(fail)?;
                     for x in iterate(name, &r)? {
                         ports[0].push(Item::new(from_py(&x.map_err(fail)?), at));
                     }
                 }
                 PyOpKind::KeyOn => {
-                    let r = f
-                        .call1((to_py(py, &item.v).map_err(fail)?,))
-                        .map_err(fail)?;
+                    let r = f.call1((to_py(py, &item.v).map_err(fail)?,)).map_err(fail)?;
                     let key = r.cast_exact::<PyString>().map_err(|_| {
                         ItemError::Shape(format!(
                             "return value of `key` must be a `str`; got a {}",
@@ -263,13 +241,9 @@ fn run_batch(
                 }
                 PyOpKind::Inspect => {
                     ports[0].push(item.clone());
-                    f.call1((full_id, to_py(py, &item.v).map_err(fail)?))
-                        .map_err(fail)?;
+                    f.call1((full_id, to_py(py, &item.v).map_err(fail)?)).map_err(fail)?;
                 }
-                PyOpKind::MapValue
-                | PyOpKind::FilterValue
-                | PyOpKind::FlatMapValue
-                | PyOpKind::StatefulMap => {
+                PyOpKind::MapValue | PyOpKind::FilterValue | PyOpKind::FlatMapValue | PyOpKind::StatefulMap => {
                     let (k, v) = item
                         .v
                         .clone()
@@ -290,10 +264,7 @@ fn run_batch(
                         PyOpKind::FlatMapValue => {
                             let r = f.call1((pv,)).map_err(fail)?;
                             for x in iterate(name, &r)? {
-                                ports[0].push(Item::new(
-                                    Value::keyed(k.clone(), from_py(&x.map_err(fail)?)),
-                                    at,
-                                ));
+                                ports[0].push(Item::new(Value::keyed(k.clone(), from_py(&x.map_err(fail)?)), at));
                             }
                         }
                         _ => {
@@ -353,10 +324,7 @@ fn want_bool(name: &str, r: &Bound<'_, PyAny>) -> Result<bool, ItemError> {
     }
 }
 
-fn iterate<'py>(
-    name: &str,
-    r: &Bound<'py, PyAny>,
-) -> Result<Bound<'py, pyo3::types::PyIterator>, ItemError> {
+fn iterate<'py>(name: &str, r: &Bound<'py, PyAny>) -> Result<Bound<'py, pyo3::types::PyIterator>, ItemError> {
     r.try_iter().map_err(|_| {
         ItemError::Shape(format!(
             "{name}: mapper must return an iterable; got a {}",

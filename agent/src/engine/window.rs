@@ -14,7 +14,9 @@
 //! wall clock, so an NTP jump after boot cannot flush or freeze windows), and
 //! the engine sleeps until the next close time instead of polling.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use rustc_hash::FxHashMap as HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -64,9 +66,12 @@ enum Acc {
 struct KeyState {
     clock: Clock,
     windows: Windows,
-    queue: Vec<Queued>,
+    /// Sorted by timestamp, ties in arrival order (only when `ordered`).
+    queue: std::collections::VecDeque<Queued>,
     /// Native accumulators by window id (Python ones live on the Python thread).
     accs: HashMap<i64, Acc>,
+    /// The watermark this batch left, while the key waits for its flush.
+    touched: Option<Micros>,
 }
 
 /// Work for the Python thread, in the order it must happen.
@@ -102,18 +107,19 @@ impl WindowOp {
         WindowOp {
             step_id,
             plan,
-            keys: HashMap::new(),
-            py_states: Some(HashMap::new()),
+            keys: HashMap::default(),
+            py_states: Some(HashMap::default()),
         }
     }
 
-    fn new_key(&self, now: Instant) -> KeyState {
+    fn new_key(windower: &WindowerSpec, now: Instant) -> KeyState {
         KeyState {
+            touched: None,
             clock: Clock {
                 base: i64::MIN,
                 moved_at: now,
             },
-            windows: match self.plan.windower {
+            windows: match windower {
                 WindowerSpec::Sliding { .. } => Windows::Sliding(BTreeMap::new()),
                 WindowerSpec::Session { .. } => Windows::Session {
                     max_id: LATE_SESSION_ID,
@@ -121,18 +127,13 @@ impl WindowOp {
                     merges: Vec::new(),
                 },
             },
-            queue: Vec::new(),
-            accs: HashMap::new(),
+            queue: Default::default(),
+            accs: HashMap::default(),
         }
     }
 
     /// Timestamps for a batch of values; `Err` items are skipped.
-    fn timestamps(
-        &self,
-        cx: &Cx,
-        values: &[(Arc<str>, Value, Origin)],
-        wall_now: Micros,
-    ) -> Vec<Option<Micros>> {
+    fn timestamps(&self, cx: &Cx, values: &[(Arc<str>, Value, Origin)], wall_now: Micros) -> Vec<Option<Micros>> {
         match &self.plan.clock {
             ClockSpec::System => vec![Some(wall_now); values.len()],
             ClockSpec::Event {
@@ -161,8 +162,7 @@ impl WindowOp {
                         .map(|v| {
                             let fail = |e: PyErr| ItemError::Py(PyFailure::capture(py, &e, &file));
                             let r = f.call1((to_py(py, v).map_err(fail)?,)).map_err(fail)?;
-                            micros(&r)
-                                .map_err(|m| ItemError::Shape(format!("timestamp getter: {m}")))
+                            micros(&r).map_err(|m| ItemError::Shape(format!("timestamp getter: {m}")))
                         })
                         .collect::<Vec<Result<Micros, ItemError>>>()
                 });
@@ -197,10 +197,16 @@ impl WindowOp {
 
     /// The watermark of `clock` at `now` (replay: from the data alone).
     fn watermark(&self, cx: &Cx, clock: &Clock, now: Instant, wall_now: Micros) -> Micros {
-        match self.plan.clock {
+        watermark(&self.plan.clock, cx.live, clock, now, wall_now)
+    }
+}
+
+fn watermark(spec: &ClockSpec, live: bool, clock: &Clock, now: Instant, wall_now: Micros) -> Micros {
+    {
+        match spec {
             ClockSpec::System => wall_now,
             ClockSpec::Event { .. } => {
-                if cx.live && clock.base != i64::MIN {
+                if live && clock.base != i64::MIN {
                     let idle = now
                         .saturating_duration_since(clock.moved_at)
                         .as_micros()
@@ -212,29 +218,22 @@ impl WindowOp {
             }
         }
     }
+}
 
+impl WindowOp {
     /// Close times and queue entries become due: flush `key` at `wm`.
-    fn flush_key(
-        &mut self,
-        key: &Arc<str>,
-        wm: Micros,
-        out: &mut Out,
-        actions: &mut Vec<PyAction>,
-    ) {
+    fn flush_key(&mut self, key: &Arc<str>, wm: Micros, out: &mut Out, actions: &mut Vec<PyAction>) {
         let plan = &self.plan;
         let Some(ks) = self.keys.get_mut(key) else {
             return;
         };
-        let due: Vec<Queued> = if plan.ordered {
-            let (mut due, rest): (Vec<Queued>, Vec<Queued>) = std::mem::take(&mut ks.queue)
-                .into_iter()
-                .partition(|q| q.ts <= wm);
-            ks.queue = rest;
-            due.sort_by_key(|q| q.ts);
-            due
+        // The queue is kept sorted when ordered, so the due entries are a prefix.
+        let n_due = if plan.ordered {
+            ks.queue.partition_point(|q| q.ts <= wm)
         } else {
-            std::mem::take(&mut ks.queue)
+            ks.queue.len()
         };
+        let due: Vec<Queued> = ks.queue.drain(..n_due).collect();
         for q in due {
             let ids = open_for(&plan.windower, &mut ks.windows, q.ts);
             let n = ids.len();
@@ -257,11 +256,7 @@ impl WindowOp {
                         Acc::Agg(_) => {}
                     },
                     LogicSpec::Aggregate(spec) => {
-                        if let Acc::Agg(a) = ks
-                            .accs
-                            .entry(id)
-                            .or_insert_with(|| Acc::Agg(AggAcc::new(spec)))
-                        {
+                        if let Acc::Agg(a) = ks.accs.entry(id).or_insert_with(|| Acc::Agg(AggAcc::new(spec))) {
                             a.add(spec, &v);
                         }
                     }
@@ -296,10 +291,7 @@ impl WindowOp {
         }
         for (id, meta) in close_for(&plan.windower, &mut ks.windows, wm) {
             match &plan.logic {
-                LogicSpec::Fold { .. } => actions.push(PyAction::Close {
-                    key: key.clone(),
-                    id,
-                }),
+                LogicSpec::Fold { .. } => actions.push(PyAction::Close { key: key.clone(), id }),
                 LogicSpec::Count => {
                     let n = match ks.accs.remove(&id) {
                         Some(Acc::Count(n)) => n,
@@ -363,8 +355,7 @@ impl WindowOp {
                                 }
                             },
                         };
-                        let r =
-                            to_py(py, &value).and_then(|v| folder.bind(py).call1((acc.clone(), v)));
+                        let r = to_py(py, &value).and_then(|v| folder.bind(py).call1((acc.clone(), v)));
                         match r {
                             Ok(new) => {
                                 states.insert(slot, new.unbind());
@@ -388,11 +379,7 @@ impl WindowOp {
                                 states.insert((key, into), m.unbind());
                             }
                             Err(e) => {
-                                errors.push((
-                                    Origin::default(),
-                                    fail(e),
-                                    "merged window's values dropped",
-                                ));
+                                errors.push((Origin::default(), fail(e), "merged window's values dropped"));
                                 states.insert((key, into), dst);
                             }
                         }
@@ -403,11 +390,7 @@ impl WindowOp {
                             None => match builder.bind(py).call0() {
                                 Ok(a) => from_py(&a),
                                 Err(e) => {
-                                    errors.push((
-                                        Origin::default(),
-                                        fail(e),
-                                        "window emitted nothing",
-                                    ));
+                                    errors.push((Origin::default(), fail(e), "window emitted nothing"));
                                     continue;
                                 }
                             },
@@ -429,12 +412,8 @@ impl WindowOp {
                 }
             }
             Err(e) => {
-                tracing::error!(
-                    "flow {} step {:?}: window state lost: {e}",
-                    cx.flow_id,
-                    self.step_id
-                );
-                self.py_states = Some(HashMap::new());
+                tracing::error!("flow {} step {:?}: window state lost: {e}", cx.flow_id, self.step_id);
+                self.py_states = Some(HashMap::default());
             }
         }
     }
@@ -511,8 +490,9 @@ fn field_ts(v: &Value, name: &str, unit: TsUnit) -> Result<Micros, String> {
         (Value::Float(x), TsUnit::Millis) => scale(*x, 1e3),
         (Value::Float(x), TsUnit::Micros) => scale(*x, 1e6),
         (Value::Float(x), TsUnit::Nanos) => scale(*x, 1e9),
-        (Value::Str(s), TsUnit::Iso8601) => time::parse_iso(s)
-            .ok_or_else(|| format!("timestamp field {name:?} is not ISO 8601 text: {s:?}")),
+        (Value::Str(s), TsUnit::Iso8601) => {
+            time::parse_iso(s).ok_or_else(|| format!("timestamp field {name:?} is not ISO 8601 text: {s:?}"))
+        }
         (other, unit) => Err(format!(
             "timestamp field {name:?} is a {} but the clock's unit is {unit:?}",
             other.type_name()
@@ -521,12 +501,7 @@ fn field_ts(v: &Value, name: &str, unit: TsUnit) -> Result<Micros, String> {
 }
 
 /// Window ids of a tumbling/sliding windower that contain `ts`.
-fn intersects(
-    length: Micros,
-    offset: Micros,
-    align: Micros,
-    ts: Micros,
-) -> std::ops::RangeInclusive<i64> {
+fn intersects(length: Micros, offset: Micros, align: Micros, ts: Micros) -> std::ops::RangeInclusive<i64> {
     let since = ts.saturating_sub(align);
     let first = since.saturating_sub(length).div_euclid(offset) + 1;
     let last = since.div_euclid(offset);
@@ -535,14 +510,7 @@ fn intersects(
 
 fn open_for(spec: &WindowerSpec, windows: &mut Windows, ts: Micros) -> Vec<i64> {
     match (spec, windows) {
-        (
-            WindowerSpec::Sliding {
-                length,
-                offset,
-                align,
-            },
-            Windows::Sliding(open),
-        ) => {
+        (WindowerSpec::Sliding { length, offset, align }, Windows::Sliding(open)) => {
             let ids: Vec<i64> = intersects(*length, *offset, *align, ts).collect();
             for id in &ids {
                 open.entry(*id).or_insert_with(|| {
@@ -598,11 +566,7 @@ fn open_for(spec: &WindowerSpec, windows: &mut Windows, ts: Micros) -> Vec<i64> 
 
 /// Merge sessions that now lie within `gap` of each other (Bytewax's rule:
 /// sort by open time, fold each into the previous if close enough).
-fn find_merges(
-    sessions: &mut BTreeMap<i64, WindowMeta>,
-    gap: Micros,
-    merges: &mut Vec<(i64, i64)>,
-) {
+fn find_merges(sessions: &mut BTreeMap<i64, WindowMeta>, gap: Micros, merges: &mut Vec<(i64, i64)>) {
     if sessions.len() < 2 {
         return;
     }
@@ -630,11 +594,7 @@ fn find_merges(
 fn close_for(spec: &WindowerSpec, windows: &mut Windows, wm: Micros) -> Vec<(i64, WindowMeta)> {
     match (spec, windows) {
         (WindowerSpec::Sliding { .. }, Windows::Sliding(open)) => {
-            let ids: Vec<i64> = open
-                .iter()
-                .filter(|(_, m)| m.close <= wm)
-                .map(|(id, _)| *id)
-                .collect();
+            let ids: Vec<i64> = open.iter().filter(|(_, m)| m.close <= wm).map(|(id, _)| *id).collect();
             ids.into_iter()
                 .map(|id| (id, open.remove(&id).expect("open window")))
                 .collect()
@@ -656,11 +616,7 @@ fn close_for(spec: &WindowerSpec, windows: &mut Windows, wm: Micros) -> Vec<(i64
 
 fn late_ids(spec: &WindowerSpec, ts: Micros) -> Vec<i64> {
     match spec {
-        WindowerSpec::Sliding {
-            length,
-            offset,
-            align,
-        } => intersects(*length, *offset, *align, ts).collect(),
+        WindowerSpec::Sliding { length, offset, align } => intersects(*length, *offset, *align, ts).collect(),
         WindowerSpec::Session { .. } => vec![LATE_SESSION_ID],
     }
 }
@@ -673,9 +629,7 @@ impl Operator for WindowOp {
         for item in batch {
             match item.v.into_keyed() {
                 Ok((k, v)) => values.push((k, v, item.at)),
-                Err(v) => cx.skip(&self.step_id, "not_keyed", item.at, || {
-                    super::stateless::not_keyed(&v)
-                }),
+                Err(v) => cx.skip(&self.step_id, "not_keyed", item.at, || super::stateless::not_keyed(&v)),
             }
         }
         let stamps = self.timestamps(cx, &values, wall_now);
@@ -683,22 +637,20 @@ impl Operator for WindowOp {
             ClockSpec::Event { wait, .. } => wait,
             ClockSpec::System => 0,
         };
-        // Per key, in order of first appearance, with the key's last watermark.
-        let mut touched: Vec<(Arc<str>, Micros)> = Vec::new();
-        let mut touched_at: HashMap<Arc<str>, usize> = HashMap::new();
+        // Per key, in order of first appearance; each key's state remembers
+        // the watermark the batch left it at.
+        let mut touched: Vec<Arc<str>> = Vec::new();
         let mut late = 0u64;
+        let (plan, keys, live) = (&self.plan, &mut self.keys, cx.live);
         for ((key, value, at), ts) in values.into_iter().zip(stamps) {
             let Some(ts) = ts else { continue };
-            if !self.keys.contains_key(&key) {
-                let ks = self.new_key(now);
-                self.keys.insert(key.clone(), ks);
-            }
-            let clock = self.keys[&key].clock;
-            let mut wm = self.watermark(cx, &clock, now, wall_now);
-            if let ClockSpec::Event { .. } = self.plan.clock {
+            let ks = keys
+                .entry(key.clone())
+                .or_insert_with(|| Self::new_key(&plan.windower, now));
+            let mut wm = watermark(&plan.clock, live, &ks.clock, now, wall_now);
+            if let ClockSpec::Event { .. } = plan.clock {
                 let candidate = ts.saturating_sub(wait);
                 if candidate > wm {
-                    let ks = self.keys.get_mut(&key).expect("key state");
                     ks.clock = Clock {
                         base: candidate,
                         moved_at: now,
@@ -706,36 +658,33 @@ impl Operator for WindowOp {
                     wm = candidate;
                 }
             }
+            if ks.touched.replace(wm).is_none() {
+                touched.push(key.clone());
+            }
             if ts < wm {
                 late += 1;
-                for id in late_ids(&self.plan.windower, ts) {
-                    out.ports[1].push(Item::new(
-                        Value::keyed(
-                            key.clone(),
-                            Value::Tuple(vec![Value::Int(id), value.clone()]),
-                        ),
-                        at,
-                    ));
+                for id in late_ids(&plan.windower, ts) {
+                    let item = Value::keyed(key.clone(), Value::Tuple(vec![Value::Int(id), value.clone()]));
+                    out.ports[1].push(Item::new(item, at));
                 }
             } else {
-                self.keys
-                    .get_mut(&key)
-                    .expect("key state")
-                    .queue
-                    .push(Queued { value, ts, at });
-            }
-            match touched_at.get(&key) {
-                Some(i) => touched[*i].1 = wm,
-                None => {
-                    touched_at.insert(key.clone(), touched.len());
-                    touched.push((key, wm));
+                let q = Queued { value, ts, at };
+                if plan.ordered {
+                    // Mostly in order already: the slot is found near the back.
+                    let pos = ks.queue.partition_point(|e| e.ts <= ts);
+                    ks.queue.insert(pos, q);
+                } else {
+                    ks.queue.push_back(q);
                 }
             }
         }
         cx.counters.add(&format!("{}.late", self.step_id), late);
         let mut actions = Vec::new();
-        for (key, wm) in touched {
-            self.flush_key(&key, wm, out, &mut actions);
+        for key in touched {
+            let wm = self.keys.get_mut(&key).and_then(|ks| ks.touched.take());
+            if let Some(wm) = wm {
+                self.flush_key(&key, wm, out, &mut actions);
+            }
         }
         self.run_py(cx, actions, out);
     }
@@ -755,10 +704,7 @@ impl Operator for WindowOp {
         let due: Vec<(Arc<str>, Micros)> = self
             .keys
             .iter()
-            .filter(|(_, ks)| {
-                self.key_deadline(ks, now, wall_now)
-                    .is_some_and(|d| d <= now)
-            })
+            .filter(|(_, ks)| self.key_deadline(ks, now, wall_now).is_some_and(|d| d <= now))
             .map(|(k, ks)| (k.clone(), self.watermark(cx, &ks.clock, now, wall_now)))
             .collect();
         let mut actions = Vec::new();
@@ -804,10 +750,7 @@ mod tests {
         assert_eq!(open_for(&spec, &mut w, 20), vec![1]);
         // 10 extends session 0 to [0,10], which is now within 10 of session 1.
         assert_eq!(open_for(&spec, &mut w, 10), vec![0]);
-        let Windows::Session {
-            sessions, merges, ..
-        } = &w
-        else {
+        let Windows::Session { sessions, merges, .. } = &w else {
             unreachable!()
         };
         assert_eq!(merges, &vec![(1, 0)]);
@@ -824,21 +767,11 @@ mod tests {
     #[test]
     fn timestamp_fields_are_read_in_the_clocks_unit() {
         let v = |x: Value| Value::Map(vec![(Arc::from("ts"), x)]);
-        assert_eq!(
-            field_ts(&v(Value::Int(2)), "ts", TsUnit::Seconds),
-            Ok(2_000_000)
-        );
-        assert_eq!(
-            field_ts(&v(Value::Float(1.5)), "ts", TsUnit::Millis),
-            Ok(1_500)
-        );
+        assert_eq!(field_ts(&v(Value::Int(2)), "ts", TsUnit::Seconds), Ok(2_000_000));
+        assert_eq!(field_ts(&v(Value::Float(1.5)), "ts", TsUnit::Millis), Ok(1_500));
         assert_eq!(field_ts(&v(Value::Int(1_999)), "ts", TsUnit::Nanos), Ok(1));
         assert_eq!(
-            field_ts(
-                &v(Value::str("1970-01-01T00:00:01Z")),
-                "ts",
-                TsUnit::Iso8601
-            ),
+            field_ts(&v(Value::str("1970-01-01T00:00:01Z")), "ts", TsUnit::Iso8601),
             Ok(1_000_000)
         );
         assert!(field_ts(&v(Value::str("soon")), "ts", TsUnit::Seconds).is_err());

@@ -11,13 +11,43 @@ use chrono::{DateTime, FixedOffset, TimeDelta, Utc};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{
-    PyBool, PyDateTime, PyDelta, PyDict, PyFloat, PyFrozenSet, PyInt, PyList, PySet, PyString,
-    PyTuple, PyType,
+    PyBool, PyDateTime, PyDelta, PyDict, PyFloat, PyFrozenSet, PyInt, PyList, PySet, PyString, PyTuple, PyType,
 };
 
 use crate::value::{Micros, Value, WindowMeta};
 
 static META_CLASS: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+
+type StringCache = rustc_hash::FxHashMap<usize, (Arc<str>, Py<PyString>)>;
+
+thread_local! {
+    /// Python strings for the shared `Arc<str>`s of field names and short
+    /// values (see `json::Names`), keyed by address. Holding the `Arc` keeps
+    /// the address from being reused by another text. Only the Python thread
+    /// converts, so this lives there.
+    static PY_STRINGS: std::cell::RefCell<StringCache> = Default::default();
+}
+
+const PY_STRINGS_MAX: usize = 8192;
+
+fn py_str<'py>(py: Python<'py>, s: &Arc<str>) -> Bound<'py, PyString> {
+    if s.len() > 32 {
+        return PyString::new(py, s);
+    }
+    PY_STRINGS.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        let addr = Arc::as_ptr(s) as *const u8 as usize;
+        if let Some((_, p)) = cache.get(&addr) {
+            return p.bind(py).clone();
+        }
+        if cache.len() >= PY_STRINGS_MAX {
+            cache.clear();
+        }
+        let p = PyString::intern(py, s);
+        cache.insert(addr, (s.clone(), p.clone().unbind()));
+        p
+    })
+}
 
 /// Build the Python object for `v`.
 pub(crate) fn to_py<'py>(py: Python<'py>, v: &Value) -> PyResult<Bound<'py, PyAny>> {
@@ -26,7 +56,7 @@ pub(crate) fn to_py<'py>(py: Python<'py>, v: &Value) -> PyResult<Bound<'py, PyAn
         Value::Bool(b) => PyBool::new(py, *b).to_owned().into_any(),
         Value::Int(n) => n.into_pyobject(py)?.into_any(),
         Value::Float(x) => PyFloat::new(py, *x).into_any(),
-        Value::Str(s) => PyString::new(py, s).into_any(),
+        Value::Str(s) => py_str(py, s).into_any(),
         Value::List(xs) => {
             let l = PyList::empty(py);
             for x in xs {
@@ -35,16 +65,13 @@ pub(crate) fn to_py<'py>(py: Python<'py>, v: &Value) -> PyResult<Bound<'py, PyAn
             l.into_any()
         }
         Value::Tuple(xs) => {
-            let items = xs
-                .iter()
-                .map(|x| to_py(py, x))
-                .collect::<PyResult<Vec<_>>>()?;
+            let items = xs.iter().map(|x| to_py(py, x)).collect::<PyResult<Vec<_>>>()?;
             PyTuple::new(py, items)?.into_any()
         }
         Value::Map(fs) => {
             let d = PyDict::new(py);
             for (k, x) in fs {
-                d.set_item(PyString::new(py, k), to_py(py, x)?)?;
+                d.set_item(py_str(py, k), to_py(py, x)?)?;
             }
             d.into_any()
         }
@@ -59,9 +86,8 @@ pub(crate) fn to_py<'py>(py: Python<'py>, v: &Value) -> PyResult<Bound<'py, PyAn
 }
 
 fn datetime(py: Python<'_>, us: Micros) -> PyResult<Bound<'_, PyAny>> {
-    let dt = DateTime::<Utc>::from_timestamp_micros(us).ok_or_else(|| {
-        pyo3::exceptions::PyOverflowError::new_err(format!("timestamp {us} µs is out of range"))
-    })?;
+    let dt = DateTime::<Utc>::from_timestamp_micros(us)
+        .ok_or_else(|| pyo3::exceptions::PyOverflowError::new_err(format!("timestamp {us} µs is out of range")))?;
     Ok(dt.into_pyobject(py)?.into_any())
 }
 
@@ -166,11 +192,7 @@ pub(crate) fn resolve_for_json(py: Python<'_>, v: Value) -> Value {
         Value::Py(o) => json_form(o.bind(py)),
         Value::List(xs) => Value::List(xs.into_iter().map(|x| resolve_for_json(py, x)).collect()),
         Value::Tuple(xs) => Value::Tuple(xs.into_iter().map(|x| resolve_for_json(py, x)).collect()),
-        Value::Map(fs) => Value::Map(
-            fs.into_iter()
-                .map(|(k, x)| (k, resolve_for_json(py, x)))
-                .collect(),
-        ),
+        Value::Map(fs) => Value::Map(fs.into_iter().map(|(k, x)| (k, resolve_for_json(py, x))).collect()),
         other => other,
     }
 }
@@ -216,11 +238,7 @@ fn json_form(o: &Bound<'_, PyAny>) -> Value {
     if o.is_instance_of::<PyDateTime>() {
         return match micros(o) {
             Ok(us) => Value::DateTime(us),
-            Err(_) => Value::str(
-                &o.call_method0("isoformat")
-                    .map(|s| s.to_string())
-                    .unwrap_or_default(),
-            ),
+            Err(_) => Value::str(&o.call_method0("isoformat").map(|s| s.to_string()).unwrap_or_default()),
         };
     }
     if o.is_instance_of::<PyDelta>() {

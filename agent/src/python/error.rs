@@ -60,9 +60,7 @@ impl PyFailure {
                 in_flow = Some(format!("{file}:{line}"));
             }
         }
-        let location = in_flow
-            .or(innermost)
-            .unwrap_or_else(|| flow_file.to_string());
+        let location = in_flow.or(innermost).unwrap_or_else(|| flow_file.to_string());
         let traceback = py
             .import("traceback")
             .and_then(|m| m.getattr("format_exception")?.call1((value,)))

@@ -30,23 +30,18 @@ impl PyRunner {
     pub(crate) fn start() -> anyhow::Result<PyRunner> {
         let (tx, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
-        thread::Builder::new()
-            .name("runnel-python".into())
-            .spawn(move || {
-                module::register();
-                Python::initialize();
-                let setup = Python::attach(module::after_start);
-                let _ = ready_tx.send(setup.map_err(|e| e.to_string()));
-                while let Ok(job) = rx.recv() {
-                    let outcome =
-                        std::panic::catch_unwind(AssertUnwindSafe(|| Python::attach(job)));
-                    if outcome.is_err() {
-                        tracing::error!(
-                            "a job on the Python thread panicked; the interpreter goes on"
-                        );
-                    }
+        thread::Builder::new().name("runnel-python".into()).spawn(move || {
+            module::register();
+            Python::initialize();
+            let setup = Python::attach(module::after_start);
+            let _ = ready_tx.send(setup.map_err(|e| e.to_string()));
+            while let Ok(job) = rx.recv() {
+                let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| Python::attach(job)));
+                if outcome.is_err() {
+                    tracing::error!("a job on the Python thread panicked; the interpreter goes on");
                 }
-            })?;
+            }
+        })?;
         match ready_rx.recv() {
             Ok(Ok(())) => Ok(PyRunner { jobs: tx }),
             Ok(Err(e)) => anyhow::bail!("embedded Python failed to start: {e}"),

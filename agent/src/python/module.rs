@@ -15,17 +15,9 @@ const SUBMODULES: [(&str, &str, &str); 4] = [
         "<runnel>/runnel/sources.py",
         include_str!("runnel/sources.py"),
     ),
-    (
-        "sinks",
-        "<runnel>/runnel/sinks.py",
-        include_str!("runnel/sinks.py"),
-    ),
+    ("sinks", "<runnel>/runnel/sinks.py", include_str!("runnel/sinks.py")),
     ("op", "<runnel>/runnel/op.py", include_str!("runnel/op.py")),
-    (
-        "win",
-        "<runnel>/runnel/win.py",
-        include_str!("runnel/win.py"),
-    ),
+    ("win", "<runnel>/runnel/win.py", include_str!("runnel/win.py")),
 ];
 const INIT: &str = include_str!("runnel/__init__.py");
 

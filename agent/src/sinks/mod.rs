@@ -69,16 +69,13 @@ impl OutputOp {
 
 impl Operator for OutputOp {
     fn on_batch(&mut self, cx: &Cx, _port: usize, batch: Vec<Item>, _out: &mut Out) {
-        cx.counters
-            .add(&format!("{}.items", self.step_id), batch.len() as u64);
+        cx.counters.add(&format!("{}.items", self.step_id), batch.len() as u64);
         let mut values: Vec<Value> = batch.into_iter().map(|i| i.v).collect();
         if values.iter().any(Value::has_py) {
-            match cx.py.run(move |py| {
-                values
-                    .into_iter()
-                    .map(|v| resolve_for_json(py, v))
-                    .collect::<Vec<_>>()
-            }) {
+            match cx
+                .py
+                .run(move |py| values.into_iter().map(|v| resolve_for_json(py, v)).collect::<Vec<_>>())
+            {
                 Ok(v) => values = v,
                 Err(e) => {
                     tracing::error!(
@@ -93,10 +90,7 @@ impl Operator for OutputOp {
         let text = self.render(&values);
         let step = &self.step_id;
         let result = match &mut self.target {
-            Target::Replay(w) => w
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .write_all(text.as_bytes()),
+            Target::Replay(w) => w.lock().unwrap_or_else(|p| p.into_inner()).write_all(text.as_bytes()),
             Target::Stdout => std::io::stdout().lock().write_all(text.as_bytes()),
             Target::File { path, w } => {
                 if w.is_none() {
@@ -106,11 +100,16 @@ impl Operator for OutputOp {
                     match OpenOptions::new().create(true).append(true).open(&*path) {
                         Ok(f) => *w = Some(BufWriter::with_capacity(64 * 1024, f)),
                         Err(e) => {
-                            cx.counters
-                                .add(&format!("{step}.write_errors"), values.len() as u64);
-                            cx.warnings.warn(&format!("flow {} output {step}: open", cx.flow_id), || {
-                                format!("flow {} output {step:?}: cannot open {}: {e}; {} items not written", cx.flow_id, path.display(), values.len())
-                            });
+                            cx.counters.add(&format!("{step}.write_errors"), values.len() as u64);
+                            cx.warnings
+                                .warn(&format!("flow {} output {step}: open", cx.flow_id), || {
+                                    format!(
+                                        "flow {} output {step:?}: cannot open {}: {e}; {} items not written",
+                                        cx.flow_id,
+                                        path.display(),
+                                        values.len()
+                                    )
+                                });
                             return;
                         }
                     }
@@ -119,8 +118,7 @@ impl Operator for OutputOp {
             }
         };
         if let Err(e) = result {
-            cx.counters
-                .add(&format!("{step}.write_errors"), values.len() as u64);
+            cx.counters.add(&format!("{step}.write_errors"), values.len() as u64);
             cx.warnings
                 .warn(&format!("flow {} output {step}: write", cx.flow_id), || {
                     format!("flow {} output {step:?}: write failed: {e}", cx.flow_id)

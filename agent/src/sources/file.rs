@@ -39,10 +39,7 @@ pub(super) fn read(path: PathBuf, decode: Decode, cx: SourceCtx) {
 fn bad(cx: &SourceCtx, file: &str, line: u64, why: String) {
     cx.counters.add(&format!("{}.malformed", cx.step_id), 1);
     cx.warnings.warn(
-        &format!(
-            "flow {} input {}: malformed records",
-            cx.flow_id, cx.step_id
-        ),
+        &format!("flow {} input {}: malformed records", cx.flow_id, cx.step_id),
         || {
             format!(
                 "flow {} input {:?}: {file} line {line}: {why}; record skipped",
@@ -57,9 +54,7 @@ fn send(cx: &SourceCtx, batch: &mut Vec<Item>) -> bool {
         return true;
     }
     let full = std::mem::replace(batch, Vec::with_capacity(BATCH));
-    cx.tx
-        .blocking_send(SourceMsg::Batch(cx.input, full))
-        .is_ok()
+    cx.tx.blocking_send(SourceMsg::Batch(cx.input, full)).is_ok()
 }
 
 fn read_jsonl(mut reader: impl BufRead, file: &str, cx: &SourceCtx) {
@@ -91,13 +86,7 @@ fn read_jsonl(mut reader: impl BufRead, file: &str, cx: &SourceCtx) {
             continue;
         }
         match decoder.decode(text) {
-            Ok(v) => batch.push(Item::new(
-                v,
-                Origin {
-                    src: cx.origin,
-                    line,
-                },
-            )),
+            Ok(v) => batch.push(Item::new(v, Origin { src: cx.origin, line })),
             Err(e) => bad(cx, file, line, format!("not JSON ({e})")),
         }
         if batch.len() >= BATCH && !send(cx, &mut batch) {
@@ -163,18 +152,8 @@ fn read_csv(reader: impl BufRead, file: &str, cx: &SourceCtx) {
             );
             continue;
         }
-        let fields = names
-            .iter()
-            .cloned()
-            .zip(cells.iter().map(|c| cell(c)))
-            .collect();
-        batch.push(Item::new(
-            Value::Map(fields),
-            Origin {
-                src: cx.origin,
-                line,
-            },
-        ));
+        let fields = names.iter().cloned().zip(cells.iter().map(|c| cell(c))).collect();
+        batch.push(Item::new(Value::Map(fields), Origin { src: cx.origin, line }));
         if batch.len() >= BATCH && !send(cx, &mut batch) {
             return;
         }
