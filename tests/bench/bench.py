@@ -1,0 +1,451 @@
+#!/usr/bin/env python3
+"""Benchmark: runnel vs Bytewax 0.21.1 vs a plain Python loop.
+
+What it measures
+----------------
+One job, four contenders, each run as a child process in the same run:
+
+    mean temperature per sensor in 10 s tumbling event-time windows
+    (EventClock on "ts", wait_for_system_duration 5 s), output to a file.
+
+    runnel-aggregate  runnel replay flow_aggregate.py: key, clock and mean all
+                      in Rust (field-name key_on/EventClock + win.aggregate)
+    runnel-fold       runnel replay flow_fold.py: a user's Python flow, with
+                      Python lambdas for key and timestamp and a Python
+                      fold_window builder/folder/merger of (sum, count)
+    bytewax           python -m bytewax.run bytewax_flow.py (Bytewax 0.21.1,
+                      its default single worker)
+    python            plain_python.py: a hand-written loop, json.loads + dicts
+
+The input is N JSON lines (default 1,000,000) from 100 sensors, one reading
+each per 100 ms of event time (jitter +-20 ms, never near a window edge), e.g.
+    {"sensor": "sensor-007", "ts": 1704067200.051, "temp": 21.37}
+It is generated once and cached in the work dir (default $TMPDIR/runnel-bench)
+together with the reference means that every contender's output is checked
+against (window count, duplicates, mean values).
+
+For each contender: wall time (time.monotonic around os.wait4), events/s
+(N / wall, so process start-up and imports count), and peak RSS (ru_maxrss of
+the contender process from os.wait4; on Linux it is started through a tiny
+/bin/sh and re-parented to bench.py, so the kernel doesn't fold bench.py's
+own RSS into it, see become_subreaper), plus ratios against Bytewax. Runs are sequential;
+on a busy machine the numbers are noisy, so use --repeat to keep the best.
+
+How to run
+----------
+    # a Python with Bytewax 0.21.1, once:
+    python3 -m venv .venv-bench && .venv-bench/bin/pip install bytewax==0.21.1
+    # the runnel binary:
+    cargo build --release
+    # then, from the repo root:
+    python3 tests/bench/bench.py --bytewax-python .venv-bench/bin/python
+    python3 tests/bench/bench.py --markdown            # table for the README
+    python3 tests/bench/bench.py --n 100000 --only bytewax,python   # quick
+
+Options: --runnel (default <repo>/target/release/runnel), --bytewax-python
+(default $RUNNEL_BYTEWAX_PYTHON, else <repo>/.venv-bench/bin/python), --n,
+--only, --repeat, --workdir, --timeout, --markdown. Standard library only.
+
+Exit status: 0 when every selected contender ran (sanity warnings are shown
+in the table's "check" column but don't fail the run), 1 when one couldn't be
+started, exited non-zero or timed out, 2 on bad arguments.
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+
+# The job. Keep in sync with flow_aggregate.py, flow_fold.py, bytewax_flow.py
+# and plain_python.py (which can't import this module).
+WINDOW_S = 10.0
+WAIT_S = 5.0
+ALIGN_TO = 1704067200.0  # 2024-01-01T00:00:00Z: event time starts here
+
+# The data.
+SENSORS = 100
+PERIOD_S = 0.1  # one reading per sensor per 100 ms of event time
+JITTER_S = 0.02
+SEED = 42
+DATA_VERSION = 1  # bump when the generator changes, to invalidate caches
+
+CONTENDERS = ("runnel-aggregate", "runnel-fold", "bytewax", "python")
+ALIASES = {"aggregate": "runnel-aggregate", "fold": "runnel-fold",
+           "bw": "bytewax", "plain": "python"}
+BYTEWAX_VERSION = "0.21.1"
+VENV_HINT = ("python3 -m venv .venv-bench && .venv-bench/bin/pip install "
+             f"bytewax=={BYTEWAX_VERSION}")
+
+
+# ----------------------------------------------------------------- data ----
+
+def generate(n, data_path, ref_path):
+    """Write n readings to data_path and the expected {"sensor|wid": mean}
+    of every window to ref_path (both via a temp file + rename)."""
+    rng = random.Random(SEED)
+    names = [f"sensor-{s:03d}" for s in range(SENSORS)]
+    base = [18.0 + 6.0 * rng.random() for _ in range(SENSORS)]
+    sums = {}  # (sensor, wid) -> [sum, count]
+    tmp = data_path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        for j in range(n):
+            tick, s = divmod(j, SENSORS)
+            # Offset 50 ms into the tick, so ts stays >= 30 ms from any
+            # window edge: every contender puts it in the same window.
+            ts = ALIGN_TO + tick * PERIOD_S + PERIOD_S / 2 + rng.uniform(-JITTER_S, JITTER_S)
+            temp = base[s] + 2.0 * math.sin(tick / 3000.0 + s) + rng.gauss(0.0, 0.3)
+            ts_s, temp_s = f"{ts:.3f}", f"{temp:.2f}"
+            f.write(f'{{"sensor": "{names[s]}", "ts": {ts_s}, "temp": {temp_s}}}\n')
+            acc = sums.setdefault((names[s], math.floor((float(ts_s) - ALIGN_TO) / WINDOW_S)), [0.0, 0])
+            acc[0] += float(temp_s)
+            acc[1] += 1
+    ref = {f"{k}|{w}": t / c for (k, w), (t, c) in sums.items()}
+    ref_tmp = ref_path.with_suffix(".tmp")
+    ref_tmp.write_text(json.dumps(ref))
+    os.replace(ref_tmp, ref_path)
+    os.replace(tmp, data_path)  # last: a complete data file means a complete cache
+
+
+def ensure_data(n, workdir):
+    stem = f"readings-v{DATA_VERSION}-n{n}-s{SENSORS}-seed{SEED}"
+    data, ref = workdir / f"{stem}.jsonl", workdir / f"{stem}.ref.json"
+    if data.exists() and ref.exists():
+        print(f"data: {data} (cached)")
+    else:
+        t0 = time.monotonic()
+        print(f"data: generating {n:,} readings into {data} ...", flush=True)
+        generate(n, data, ref)
+        print(f"data: generated in {time.monotonic() - t0:.1f} s")
+    return data, json.loads(ref.read_text())
+
+
+# ----------------------------------------------------------- contenders ----
+
+class Contender:
+    def __init__(self, name, cmd=None, env=None, missing=None):
+        self.name = name
+        self.cmd = cmd  # argv, or None when it can't run (see missing)
+        self.env = env or {}
+        self.missing = missing  # why it can't run
+        self.runs = []  # (wall_s, maxrss_bytes)
+        self.error = None
+        self.check = None  # (windows, problems)
+
+
+def bytewax_python(arg):
+    """The Bytewax interpreter: the flag, the env var, or <repo>/.venv-bench."""
+    if arg:
+        return arg
+    if os.environ.get("RUNNEL_BYTEWAX_PYTHON"):
+        return os.environ["RUNNEL_BYTEWAX_PYTHON"]
+    venv = REPO / ".venv-bench" / "bin" / "python"
+    return str(venv) if venv.exists() else None
+
+
+def bytewax_version(python):
+    try:
+        r = subprocess.run(
+            [python, "-c", "import importlib.metadata as m; print(m.version('bytewax'))"],
+            capture_output=True, text=True, timeout=60)
+    except OSError as ex:
+        return None, f"can't run {python}: {ex}"
+    if r.returncode != 0:
+        return None, f"{python} has no bytewax ({r.stderr.strip().splitlines()[-1:]})"
+    return r.stdout.strip(), None
+
+
+def make_contenders(names, args, data, workdir):
+    out = {name: workdir / f"out-{name}.jsonl" for name in names}
+    result = []
+    runnel = Path(args.runnel)
+    runnel_missing = None if runnel.is_file() and os.access(runnel, os.X_OK) else (
+        f"no runnel binary at {runnel}; build it with `cargo build --release` or pass --runnel")
+    for name in names:
+        if name in ("runnel-aggregate", "runnel-fold"):
+            flow = HERE / ("flow_aggregate.py" if name == "runnel-aggregate" else "flow_fold.py")
+            c = Contender(name, [str(runnel), "replay", str(flow), "--input", f"in={data}", "--keep-sinks"],
+                          {"RUNNEL_BENCH_OUT": str(out[name])}, runnel_missing)
+        elif name == "bytewax":
+            py = bytewax_python(args.bytewax_python)
+            missing = None
+            if py is None:
+                missing = ("no Bytewax python: pass --bytewax-python or set RUNNEL_BYTEWAX_PYTHON; "
+                           f"to make one: {VENV_HINT}")
+            else:
+                version, err = bytewax_version(py)
+                if err:
+                    missing = f"{err}; to make one: {VENV_HINT}"
+                elif version != BYTEWAX_VERSION:
+                    print(f"warning: {py} has bytewax {version}, not {BYTEWAX_VERSION}")
+            c = Contender(name, [py or "?", "-m", "bytewax.run", str(HERE / "bytewax_flow.py")],
+                          {"RUNNEL_BENCH_DATA": str(data), "RUNNEL_BENCH_OUT": str(out[name])}, missing)
+        else:
+            c = Contender(name, [sys.executable, str(HERE / "plain_python.py"), str(data), str(out[name])])
+        c.out = out[name]
+        c.log = workdir / f"log-{name}.txt"
+        result.append(c)
+    return result
+
+
+def become_subreaper():
+    """Make orphaned descendants get re-parented to this process (Linux).
+
+    Needed for honest peak RSS: the kernel carries the *spawning* process's
+    RSS high-water mark into the child's ru_maxrss across exec (with fork as
+    with vfork/posix_spawn), so a contender started straight from this Python
+    process would never report less than this process's own RSS (~15 MiB).
+    Instead a tiny /bin/sh starts the contender in the background and exits;
+    the contender is re-parented to us and os.wait4 gives its own, clean
+    ru_maxrss."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
+
+
+SUBREAPER = False  # set in main()
+LAUNCH = '"$@" >/dev/null & echo $!'  # sh: start the contender, print its pid
+
+
+def run_once(c, timeout):
+    """Run c once; return (wall_s, maxrss_bytes) or raise RuntimeError.
+
+    Wall time is time.monotonic() around the contender's life (spawn to
+    os.wait4); peak RSS is ru_maxrss of the contender process from os.wait4.
+    """
+    c.out.unlink(missing_ok=True)  # runnel's sinks.file appends
+    env = dict(os.environ, **c.env)
+    with open(c.log, "wb") as log:
+        t0 = time.monotonic()
+        if SUBREAPER:
+            sh = subprocess.Popen(["/bin/sh", "-c", LAUNCH, "sh", *c.cmd], stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=log, env=env, cwd=REPO)
+            pid = int(sh.communicate()[0])
+        else:  # ru_maxrss is then at least this process's RSS when it spawned c
+            p = subprocess.Popen(c.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=log, env=env, cwd=REPO)
+            pid, p.returncode = p.pid, 0  # reaped by os.wait4 below, not by Popen
+        killer = threading.Timer(timeout, os.kill, (pid, 9))
+        killer.start()
+        try:
+            _, status, usage = os.wait4(pid, 0)
+        except BaseException:  # e.g. Ctrl-C: don't leave the contender running
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            raise
+        finally:
+            killer.cancel()
+        wall = time.monotonic() - t0
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        tail = c.log.read_text(errors="replace").strip().splitlines()[-5:]
+        why = f"timed out after {timeout:g} s" if code == -9 and wall >= timeout else f"exit status {code}"
+        raise RuntimeError(f"{why}; log {c.log}:\n    " + "\n    ".join(tail))
+    # ru_maxrss is KiB on Linux, bytes on macOS.
+    rss = usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * 1024
+    return wall, rss
+
+
+# ---------------------------------------------------------------- check ----
+
+def check_output(path, ref):
+    """Compare an output file with the reference means.
+    Returns (windows emitted, list of problems)."""
+    if not path.exists():
+        return 0, ["no output file"]
+    seen, bad, dups, worst = set(), 0, 0, 0.0
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                if isinstance(item, dict) and "item" in item:  # {"step": .., "item": ..}
+                    item = item["item"]
+                key, (wid, mean) = item
+                if isinstance(mean, dict):  # win.aggregate: {"temp": {"mean": ..}}
+                    mean = mean["temp"]["mean"]
+                k = f"{key}|{wid}"
+                if k in seen:
+                    dups += 1
+                seen.add(k)
+                expected = ref.get(k)
+                if expected is None:
+                    bad += 1
+                else:
+                    worst = max(worst, abs(mean - expected) / max(abs(expected), 1e-12))
+            except (ValueError, TypeError, KeyError):
+                bad += 1
+    problems = []
+    if len(seen) != len(ref):
+        problems.append(f"{len(seen)} windows, expected {len(ref)}")
+    if dups:
+        problems.append(f"{dups} duplicate windows")
+    if bad:
+        problems.append(f"{bad} unexpected/malformed lines")
+    if worst > 1e-9:
+        problems.append(f"means off by up to {worst:.1e} (relative)")
+    return len(seen) + dups, problems
+
+
+# ---------------------------------------------------------------- table ----
+
+def table_rows(contenders, n):
+    best = {c.name: min(c.runs) for c in contenders if c.runs and not c.error}
+    bw = best.get("bytewax")
+    rows = []
+    for c in contenders:
+        if c.name not in best:
+            rows.append([c.name, "-", "-", "-", "-", "-", "-", "FAILED (see below)"])
+            continue
+        wall, rss = best[c.name]
+        windows, problems = c.check
+        rows.append([
+            c.name, f"{wall:.2f}", f"{n / wall:,.0f}", f"{rss / 2**20:.1f}",
+            f"{bw[0] / wall:.2f}x" if bw else "-",
+            f"{rss / bw[1]:.2f}x" if bw else "-",
+            f"{windows:,}", "; ".join(problems) or "ok",
+        ])
+    return rows
+
+
+HEADER = ["contender", "wall s", "events/s", "peak RSS MiB", "throughput vs Bytewax",
+          "RSS vs Bytewax", "windows", "check"]
+
+
+def print_table(rows, markdown):
+    if markdown:
+        print("| " + " | ".join(HEADER) + " |")
+        print("|" + "|".join(["---"] + ["---:"] * 6 + ["---"]) + "|")
+        for r in rows:
+            print("| " + " | ".join(r) + " |")
+        return
+    widths = [max(len(x) for x in col) for col in zip(HEADER, *rows)]
+    for i, r in enumerate([HEADER] + rows):
+        cells = [x.ljust(w) if j in (0, 7) else x.rjust(w) for j, (x, w) in enumerate(zip(r, widths))]
+        print("  ".join(cells).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+# ----------------------------------------------------------------- main ----
+
+def parse_only(text):
+    names = []
+    for word in filter(None, (w.strip().lower() for w in text.split(","))):
+        if word == "runnel":
+            names += ["runnel-aggregate", "runnel-fold"]
+            continue
+        word = ALIASES.get(word, word)
+        if word not in CONTENDERS:
+            raise argparse.ArgumentTypeError(
+                f"unknown contender {word!r}; choose from {', '.join(CONTENDERS)} "
+                "(or aggregate, fold, runnel, plain)")
+        names.append(word)
+    return [c for c in CONTENDERS if c in names]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="See the module docstring for details.")
+    ap.add_argument("--n", type=int, default=1_000_000, help="number of readings (default 1,000,000)")
+    ap.add_argument("--runnel", default=str(REPO / "target" / "release" / "runnel"),
+                    help="runnel binary (default <repo>/target/release/runnel)")
+    ap.add_argument("--bytewax-python", default=None,
+                    help="python with bytewax==0.21.1 (default $RUNNEL_BYTEWAX_PYTHON, "
+                         "else <repo>/.venv-bench/bin/python)")
+    ap.add_argument("--only", type=parse_only, default=list(CONTENDERS),
+                    help="comma-separated contenders: runnel-aggregate, runnel-fold, bytewax, "
+                         "python (aliases: aggregate, fold, runnel = both runnel ones, plain)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run each contender this many times (interleaved), keep the fastest")
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "runnel-bench",
+                    help="cache for data, outputs and logs (default $TMPDIR/runnel-bench)")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per run before it is killed")
+    ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    args = ap.parse_args()
+    if args.n < 1 or args.repeat < 1 or not args.only:
+        ap.error("--n and --repeat must be positive and --only must name a contender")
+
+    global SUBREAPER
+    SUBREAPER = become_subreaper()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    data, ref = ensure_data(args.n, args.workdir)
+    contenders = make_contenders(args.only, args, data, args.workdir)
+
+    print(f"job: mean temp per sensor, {WINDOW_S:g} s tumbling event-time windows, "
+          f"wait_for_system_duration {WAIT_S:g} s; {args.n:,} readings, {SENSORS} sensors, "
+          f"{len(ref):,} windows expected")
+    print(f"machine: {platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, "
+          f"load {os.getloadavg()[0]:.2f}; plain python: {platform.python_version()}")
+    if not SUBREAPER:
+        print("note: can't become a child subreaper here; peak RSS includes bench.py's own RSS as a floor")
+    print("runnel-fold: key and timestamp via Python lambdas, fold_window builder/folder/merger "
+          "in Python (a user's Python flow); runnel-aggregate: field names + win.aggregate, no Python per item")
+    for c in contenders:
+        print(f"  {c.name}: " + (f"SKIPPED ({c.missing})" if c.missing else " ".join(c.cmd)))
+    print(flush=True)
+
+    for c in contenders:
+        if c.missing:
+            c.error = c.missing
+    for rep in range(args.repeat):
+        for c in contenders:
+            if c.error:
+                continue
+            print(f"run {rep + 1}/{args.repeat} {c.name} ...", end=" ", flush=True, file=sys.stderr)
+            try:
+                wall, rss = run_once(c, args.timeout)
+            except (RuntimeError, OSError) as ex:
+                c.error = str(ex)
+                print(f"FAILED: {ex}", file=sys.stderr)
+                continue
+            c.runs.append((wall, rss))
+            print(f"{wall:.2f} s, {rss / 2**20:.1f} MiB", file=sys.stderr)
+            if rep == 0:
+                c.check = check_output(c.out, ref)
+            else:  # each repeat must produce the same result
+                again = check_output(c.out, ref)
+                if again != c.check:
+                    c.check = (c.check[0], c.check[1] + [f"repeat {rep + 1} differs: {again}"])
+    print(file=sys.stderr)
+
+    rows = table_rows(contenders, args.n)
+    if args.markdown:
+        print(f"*{args.n:,} readings, {SENSORS} sensors, {WINDOW_S:g} s tumbling windows; "
+              f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs; "
+              f"best of {args.repeat}.*\n")
+    print_table(rows, args.markdown)
+
+    counts = {c.name: c.check[0] for c in contenders if c.check and not c.error}
+    if len(set(counts.values())) > 1:
+        print("\nWARNING: contenders emitted different numbers of windows: "
+              + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+    failed = [c.name for c in contenders if c.error]
+    if failed:
+        print(f"\nFAILED to run: {', '.join(failed)}")
+        for c in contenders:
+            if c.error:
+                print(f"  {c.name}: {c.error}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
