@@ -58,8 +58,8 @@ Python with the semantics runnel implements in Rust:
 - `op.key_on(step, up, "field")`: key = `item[field]` if it is a `str`,
   `str(v)` if it is an `int` (not `bool`); other items are dropped.
 - `win.EventClock("field", wait, unit=...)`: the timestamp is read from the
-  value's field (`"s"`, `"ms"`, `"us"`, `"ns"` since the Unix epoch, floored
-  to whole microseconds; or `"iso8601"` text, UTC if it has no offset).
+  value's field (`"s"`, `"ms"`, `"us"`, `"ns"` since the Unix epoch; integers
+  exact (ns floored), floats rounded half-even to whole microseconds; or `"iso8601"` text, UTC if it has no offset).
   Values whose timestamp is missing or unreadable are dropped before the
   window: they are neither windowed nor late.
 - `win.aggregate(...)`: a `fold_window` with `ordered=True` and an
@@ -347,6 +347,7 @@ def _keyed_by_field(field, item):
     return (k, item)
 
 
+_F64_PER_US = {"s": 1e6, "ms": 1e3, "us": 1.0, "ns": 1e-3}
 _UNIT_PER_US = {"s": Fraction(10**6), "ms": Fraction(10**3), "us": Fraction(1), "ns": Fraction(1, 10**3)}
 _ISO_RE = re.compile(
     r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?([Zz]|[+-]\d{2}:?\d{2})?\Z"
@@ -390,7 +391,12 @@ def _field_timestamp(field, unit, value):
         return None
     if isinstance(v, float) and not math.isfinite(v):
         return None
-    micros = math.floor(Fraction(v) * _UNIT_PER_US[unit])
+    if isinstance(v, int):
+        micros = math.floor(Fraction(v) * _UNIT_PER_US[unit])
+    else:
+        # Floats: scaled in double precision, then rounded half to even, as
+        # datetime.fromtimestamp rounds (and as runnel does).
+        micros = round(v * _F64_PER_US[unit])
     try:
         return _UTC_EPOCH + timedelta(microseconds=micros)
     except OverflowError:

@@ -151,6 +151,13 @@ fn check(path: &Path) -> anyhow::Result<ExitCode> {
 
 fn replay(path: &Path, inputs: &[String], keep_sinks: bool) -> anyhow::Result<ExitCode> {
     let py = PyRunner::start()?;
+    // stdout carries the results; a flow's print() and op.inspect go to stderr.
+    py.run(|py| {
+        use pyo3::types::PyAnyMethods;
+        let sys = py.import("sys")?;
+        sys.setattr("stdout", sys.getattr("stderr")?)
+    })?
+    .context("cannot redirect Python's stdout")?;
     let file = match flow::load(&py, path) {
         Ok(f) => f,
         Err(e) => {

@@ -468,15 +468,17 @@ fn field_ts(v: &Value, name: &str, unit: TsUnit) -> Result<Micros, String> {
             )
         });
     };
+    // Floats are scaled in double precision and rounded half to even, as
+    // Python's datetime.fromtimestamp rounds.
     let scale = |x: f64, per_sec: f64| -> Result<Micros, String> {
-        let us = (x * (1e6 / per_sec)).floor();
+        let us = (x * (1e6 / per_sec)).round_ties_even();
         if us.is_finite() && us.abs() < 9.2e18 {
             Ok(us as i64)
         } else {
             Err(format!("timestamp field {name:?} is out of range: {x}"))
         }
     };
-    match (raw, unit) {
+    let us = match (raw, unit) {
         (Value::DateTime(us), _) => Ok(*us),
         (Value::Int(n), TsUnit::Seconds) => n
             .checked_mul(1_000_000)
@@ -497,8 +499,16 @@ fn field_ts(v: &Value, name: &str, unit: TsUnit) -> Result<Micros, String> {
             "timestamp field {name:?} is a {} but the clock's unit is {unit:?}",
             other.type_name()
         )),
+    }?;
+    // The range of Python's datetime (years 1 to 9999).
+    if !(PY_MIN_MICROS..=PY_MAX_MICROS).contains(&us) {
+        return Err(format!("timestamp field {name:?} is outside the years 1 to 9999"));
     }
+    Ok(us)
 }
+
+const PY_MIN_MICROS: Micros = -62_135_596_800_000_000;
+const PY_MAX_MICROS: Micros = 253_402_300_799_999_999;
 
 /// Window ids of a tumbling/sliding windower that contain `ts`.
 fn intersects(length: Micros, offset: Micros, align: Micros, ts: Micros) -> std::ops::RangeInclusive<i64> {
