@@ -23,6 +23,9 @@ pub(crate) struct Decoder {
 #[derive(Default)]
 struct Names {
     known: rustc_hash::FxHashMap<Box<str>, Arc<str>>,
+    /// The field names of the previous object, by position: JSON lines
+    /// usually repeat them in the same order, so one compare finds them.
+    previous_keys: Vec<Arc<str>>,
 }
 
 /// Texts longer than this are not shared (they rarely repeat).
@@ -31,6 +34,21 @@ const SHARE_UP_TO: usize = 32;
 const SHARE_MAX: usize = 4096;
 
 impl Names {
+    fn key(&mut self, position: usize, s: &str) -> Arc<str> {
+        if let Some(k) = self.previous_keys.get(position) {
+            if &**k == s {
+                return k.clone();
+            }
+        }
+        let k = self.get(s);
+        if position < self.previous_keys.len() {
+            self.previous_keys[position] = k.clone();
+        } else if position == self.previous_keys.len() && position < 64 {
+            self.previous_keys.push(k.clone());
+        }
+        k
+    }
+
     fn get(&mut self, s: &str) -> Arc<str> {
         if s.len() > SHARE_UP_TO {
             return Arc::from(s);
@@ -99,7 +117,10 @@ impl<'de> Visitor<'de> for ValueSeed<'_> {
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         let mut out: Vec<(Arc<str>, Value)> = Vec::with_capacity(map.size_hint().unwrap_or(4));
-        while let Some(name) = map.next_key_seed(KeySeed { names: self.names })? {
+        while let Some(name) = map.next_key_seed(KeySeed {
+            names: self.names,
+            position: out.len(),
+        })? {
             let v = map.next_value_seed(ValueSeed { names: self.names })?;
             // Like Python's json.loads, a repeated name keeps the last value.
             if let Some(slot) = out.iter_mut().find(|(n, _)| *n == name) {
@@ -115,6 +136,7 @@ impl<'de> Visitor<'de> for ValueSeed<'_> {
 /// A field name, shared through `Names` without an intermediate `String`.
 struct KeySeed<'a> {
     names: &'a mut Names,
+    position: usize,
 }
 
 impl<'de> DeserializeSeed<'de> for KeySeed<'_> {
@@ -130,7 +152,7 @@ impl<'de> Visitor<'de> for KeySeed<'_> {
         f.write_str("a field name")
     }
     fn visit_str<E>(self, s: &str) -> Result<Arc<str>, E> {
-        Ok(self.names.get(s))
+        Ok(self.names.key(self.position, s))
     }
 }
 

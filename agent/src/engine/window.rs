@@ -236,7 +236,7 @@ impl WindowOp {
         let due: Vec<Queued> = ks.queue.drain(..n_due).collect();
         for q in due {
             let ids = open_for(&plan.windower, &mut ks.windows, q.ts);
-            let n = ids.len();
+            let n = ids.clone().count();
             let mut value = Some(q.value);
             for (i, id) in ids.into_iter().enumerate() {
                 let v = if i + 1 == n {
@@ -518,12 +518,12 @@ fn intersects(length: Micros, offset: Micros, align: Micros, ts: Micros) -> std:
     first..=last
 }
 
-fn open_for(spec: &WindowerSpec, windows: &mut Windows, ts: Micros) -> Vec<i64> {
+fn open_for(spec: &WindowerSpec, windows: &mut Windows, ts: Micros) -> std::ops::RangeInclusive<i64> {
     match (spec, windows) {
         (WindowerSpec::Sliding { length, offset, align }, Windows::Sliding(open)) => {
-            let ids: Vec<i64> = intersects(*length, *offset, *align, ts).collect();
-            for id in &ids {
-                open.entry(*id).or_insert_with(|| {
+            let ids = intersects(*length, *offset, *align, ts);
+            for id in ids.clone() {
+                open.entry(id).or_insert_with(|| {
                     let open_time = align + offset * id;
                     WindowMeta {
                         open: open_time,
@@ -546,17 +546,17 @@ fn open_for(spec: &WindowerSpec, windows: &mut Windows, ts: Micros) -> Vec<i64> 
                 let until_open = meta.open - ts;
                 let since_close = ts - meta.close;
                 if until_open <= 0 && since_close <= 0 {
-                    return vec![*id];
+                    return *id..=*id;
                 } else if until_open > 0 && until_open <= *gap {
                     meta.open = ts;
                     let id = *id;
                     find_merges(sessions, *gap, merges);
-                    return vec![id];
+                    return id..=id;
                 } else if since_close > 0 && since_close <= *gap {
                     meta.close = ts;
                     let id = *id;
                     find_merges(sessions, *gap, merges);
-                    return vec![id];
+                    return id..=id;
                 }
             }
             *max_id += 1;
@@ -568,9 +568,10 @@ fn open_for(spec: &WindowerSpec, windows: &mut Windows, ts: Micros) -> Vec<i64> 
                     merged_ids: Vec::new(),
                 },
             );
-            vec![*max_id]
+            *max_id..=*max_id
         }
-        _ => Vec::new(),
+        #[allow(clippy::reversed_empty_ranges)]
+        _ => 1..=0,
     }
 }
 
@@ -756,10 +757,10 @@ mod tests {
             sessions: BTreeMap::new(),
             merges: Vec::new(),
         };
-        assert_eq!(open_for(&spec, &mut w, 0), vec![0]);
-        assert_eq!(open_for(&spec, &mut w, 20), vec![1]);
+        assert_eq!(open_for(&spec, &mut w, 0), 0..=0);
+        assert_eq!(open_for(&spec, &mut w, 20), 1..=1);
         // 10 extends session 0 to [0,10], which is now within 10 of session 1.
-        assert_eq!(open_for(&spec, &mut w, 10), vec![0]);
+        assert_eq!(open_for(&spec, &mut w, 10), 0..=0);
         let Windows::Session { sessions, merges, .. } = &w else {
             unreachable!()
         };
