@@ -30,6 +30,11 @@ pub(crate) fn run(config: Config) -> anyhow::Result<ExitCode> {
     let py = PyRunner::start()?;
     let rt = crate::cli::runtime()?;
     let (stop_tx, stop_rx) = watch::channel(false);
+    // Listen for SIGTERM before loading flows, so an early stop is clean too.
+    let mut term = rt
+        .block_on(async { tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) })
+        .context("cannot install the SIGTERM handler")?;
+    let ctrl_c = rt.spawn(tokio::signal::ctrl_c());
 
     let mut files: Vec<_> = match std::fs::read_dir(&config.flows_dir) {
         Ok(rd) => rd
@@ -84,11 +89,9 @@ pub(crate) fn run(config: Config) -> anyhow::Result<ExitCode> {
     }
 
     rt.block_on(async {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+            _ = ctrl_c => tracing::info!("SIGINT: stopping"),
         }
     });
     let _ = stop_tx.send(true);

@@ -61,9 +61,10 @@ impl PyFailure {
             }
         }
         let location = in_flow.or(innermost).unwrap_or_else(|| flow_file.to_string());
+        let tb_obj = err.traceback(py);
         let traceback = py
             .import("traceback")
-            .and_then(|m| m.getattr("format_exception")?.call1((value,)))
+            .and_then(|m| m.getattr("format_exception")?.call1((value.get_type(), value, tb_obj)))
             .and_then(|lines| lines.extract::<Vec<String>>())
             .map(|l| l.concat())
             .unwrap_or_else(|_| message.clone());
