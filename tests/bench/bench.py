@@ -43,7 +43,7 @@ How to run
     python3 tests/bench/bench.py --n 100000 --only bytewax,python   # quick
 
 Options: --runnel (default <repo>/target/release/runnel), --bytewax-python
-(default $RUNNEL_BYTEWAX_PYTHON, else <repo>/.venv-bench/bin/python), --n,
+(default $RUNNEL_BYTEWAX_PYTHON, else <repo>/.venv-test or .venv-bench), --n,
 --only, --repeat, --workdir, --timeout, --markdown. Standard library only.
 
 Exit status: 0 when every selected contender ran (sanity warnings are shown
@@ -144,13 +144,17 @@ class Contender:
 
 
 def bytewax_python(arg):
-    """The Bytewax interpreter: the flag, the env var, or <repo>/.venv-bench."""
+    """The Bytewax interpreter: the flag, the env var, or the virtualenv the
+    test command made (<repo>/.venv-test), or <repo>/.venv-bench."""
     if arg:
         return arg
     if os.environ.get("RUNNEL_BYTEWAX_PYTHON"):
         return os.environ["RUNNEL_BYTEWAX_PYTHON"]
-    venv = REPO / ".venv-bench" / "bin" / "python"
-    return str(venv) if venv.exists() else None
+    for name in (".venv-test", ".venv-bench"):
+        venv = REPO / name / "bin" / "python"
+        if venv.exists():
+            return str(venv)
+    return None
 
 
 def bytewax_version(python):
