@@ -112,6 +112,36 @@ impl Engine {
     }
 }
 
+/// Whether every step reading `stream` (through merges, key_rm and collect)
+/// handles Python objects as well as Rust values: Python steps, and window
+/// steps whose clock and accumulator are Python. Then a Python step can hand
+/// its results on unconverted, and the next Python step gets the very same
+/// objects, as in Bytewax.
+fn only_python_reads(steps: &[crate::flow::StepPlan], stream: usize, depth: usize) -> bool {
+    use crate::flow::{ClockSpec, LogicSpec, TsGetter};
+    let readers: Vec<&crate::flow::StepPlan> = steps.iter().filter(|s| s.ups.contains(&stream)).collect();
+    if readers.is_empty() || depth > 16 {
+        return false;
+    }
+    readers.iter().all(|s| match &s.kind {
+        StepKind::Py(..) => true,
+        StepKind::Merge | StepKind::KeyRm | StepKind::Collect { .. } => {
+            s.downs.iter().all(|d| only_python_reads(steps, *d, depth + 1))
+        }
+        StepKind::Window(w) => {
+            matches!(
+                w.clock,
+                ClockSpec::System
+                    | ClockSpec::Event {
+                        getter: TsGetter::Py(_),
+                        ..
+                    }
+            ) && !matches!(w.logic, LogicSpec::Aggregate(_))
+        }
+        StepKind::Input(_) | StepKind::Output(_) | StepKind::KeyOnField(_) => false,
+    })
+}
+
 /// Run `plan` on a new engine thread; the handle yields its report.
 pub(crate) fn run_flow(
     plan: FlowPlan,
@@ -164,6 +194,7 @@ fn engine_main(plan: FlowPlan, opts: FlowOptions, py: PyRunner, rt: tokio::runti
                 kind: *kind,
                 f: f.clone(),
                 states: (*kind == PyOpKind::StatefulMap).then(HashMap::new),
+                keep_py: s.downs.iter().all(|d| only_python_reads(&plan.steps, *d, 0)),
             }),
             StepKind::KeyOnField(field) => Box::new(KeyOnFieldOp {
                 step_id: s.step_id.clone(),

@@ -97,6 +97,8 @@ pub(crate) struct PyOp {
     pub f: PyFn,
     /// Per-key state of `stateful_map` (Python objects, touched only on the Python thread).
     pub states: Option<HashMap<Arc<str>, Py<PyAny>>>,
+    /// Hand results on as Python objects (every consumer is Python).
+    pub keep_py: bool,
 }
 
 /// What a Python batch job returns to the engine thread.
@@ -115,9 +117,10 @@ impl Operator for PyOp {
         let full_id: Arc<str> = Arc::from(format!("{}.{}", cx.flow_id, self.step_id).as_str());
         let states = self.states.take();
         let n_ports = out.ports.len();
+        let keep_py = self.keep_py;
         let job = cx
             .py
-            .run(move |py| run_batch(py, kind, &f, &file, &full_id, batch, states, n_ports));
+            .run(move |py| run_batch(py, kind, &f, &file, &full_id, batch, states, n_ports, keep_py));
         match job {
             Ok((ports, errors, states)) => {
                 self.states = states;
@@ -163,6 +166,7 @@ fn run_batch(
     batch: Vec<Item>,
     mut states: Option<HashMap<Arc<str>, Py<PyAny>>>,
     n_ports: usize,
+    keep_py: bool,
 ) -> JobResult {
     let f = f.bind(py);
     let mut ports: Vec<Vec<Item>> = (0..n_ports)
@@ -186,7 +190,13 @@ fn run_batch(
                     type_name(&r)
                 ))
             })? {
-                ports[0].push(Item::new(from_py(&x.map_err(fail)?), Origin::default()));
+                let x = x.map_err(fail)?;
+                let v = if keep_py {
+                    Value::Py(Arc::new(x.unbind()))
+                } else {
+                    from_py(&x)
+                };
+                ports[0].push(Item::new(v, Origin::default()));
             }
             Ok(())
         })();
@@ -196,40 +206,52 @@ fn run_batch(
         return (ports, errors, states);
     }
 
+    // With `keep_py`, results stay Python objects: every consumer is Python
+    // too, so converting back and forth would be wasted work.
+    let keep = |obj: Bound<'_, PyAny>| {
+        if keep_py {
+            Value::Py(Arc::new(obj.unbind()))
+        } else {
+            from_py(&obj)
+        }
+    };
     for item in batch {
         let at = item.at;
         let result = (|| -> Result<(), ItemError> {
             match kind {
                 PyOpKind::Map => {
                     let r = f.call1((to_py(py, &item.v).map_err(fail)?,)).map_err(fail)?;
-                    ports[0].push(Item::new(from_py(&r), at));
+                    ports[0].push(Item::new(keep(r), at));
                 }
                 PyOpKind::Filter | PyOpKind::Branch => {
-                    let r = f.call1((to_py(py, &item.v).map_err(fail)?,)).map_err(fail)?;
-                    let keep = want_bool(name, &r)?;
-                    let port = if keep {
+                    let x = to_py(py, &item.v).map_err(fail)?;
+                    let r = f.call1((x.clone(),)).map_err(fail)?;
+                    let keep_it = want_bool(name, &r)?;
+                    let port = if keep_it {
                         0
                     } else if kind == PyOpKind::Branch {
                         1
                     } else {
                         return Ok(());
                     };
-                    ports[port].push(item.clone());
+                    let v = pass_on(keep_py, item.v, x);
+                    ports[port].push(Item::new(v, at));
                 }
                 PyOpKind::FilterMap => {
                     let r = f.call1((to_py(py, &item.v).map_err(fail)?,)).map_err(fail)?;
                     if !r.is_none() {
-                        ports[0].push(Item::new(from_py(&r), at));
+                        ports[0].push(Item::new(keep(r), at));
                     }
                 }
                 PyOpKind::FlatMap => {
                     let r = f.call1((to_py(py, &item.v).map_err(fail)?,)).map_err(fail)?;
                     for x in iterate(name, &r)? {
-                        ports[0].push(Item::new(from_py(&x.map_err(fail)?), at));
+                        ports[0].push(Item::new(keep(x.map_err(fail)?), at));
                     }
                 }
                 PyOpKind::KeyOn => {
-                    let r = f.call1((to_py(py, &item.v).map_err(fail)?,)).map_err(fail)?;
+                    let x = to_py(py, &item.v).map_err(fail)?;
+                    let r = f.call1((x.clone(),)).map_err(fail)?;
                     let key = r.cast_exact::<PyString>().map_err(|_| {
                         ItemError::Shape(format!(
                             "return value of `key` must be a `str`; got a {}",
@@ -237,34 +259,35 @@ fn run_batch(
                         ))
                     })?;
                     let key: Arc<str> = Arc::from(key.to_str().map_err(fail)?);
-                    ports[0].push(Item::new(Value::keyed(key, item.v.clone()), at));
+                    let v = pass_on(keep_py, item.v, x);
+                    ports[0].push(Item::new(Value::keyed(key, v), at));
                 }
                 PyOpKind::Inspect => {
-                    ports[0].push(item.clone());
-                    f.call1((full_id, to_py(py, &item.v).map_err(fail)?)).map_err(fail)?;
+                    let x = to_py(py, &item.v).map_err(fail)?;
+                    let r = f.call1((full_id, x.clone()));
+                    let v = pass_on(keep_py, item.v, x);
+                    ports[0].push(Item::new(v, at));
+                    r.map_err(fail)?;
                 }
                 PyOpKind::MapValue | PyOpKind::FilterValue | PyOpKind::FlatMapValue | PyOpKind::StatefulMap => {
-                    let (k, v) = item
-                        .v
-                        .clone()
-                        .into_keyed()
-                        .map_err(|v| ItemError::Shape(super::stateless::not_keyed(&v)))?;
+                    let (k, v) = item.v.into_keyed().map_err(|v| ItemError::Shape(not_keyed(&v)))?;
                     let pv = to_py(py, &v).map_err(fail)?;
                     match kind {
                         PyOpKind::MapValue => {
                             let r = f.call1((pv,)).map_err(fail)?;
-                            ports[0].push(Item::new(Value::keyed(k, from_py(&r)), at));
+                            ports[0].push(Item::new(Value::keyed(k, keep(r)), at));
                         }
                         PyOpKind::FilterValue => {
-                            let r = f.call1((pv,)).map_err(fail)?;
+                            let r = f.call1((pv.clone(),)).map_err(fail)?;
                             if want_bool(name, &r)? {
-                                ports[0].push(item.clone());
+                                let v = pass_on(keep_py, v, pv);
+                                ports[0].push(Item::new(Value::keyed(k, v), at));
                             }
                         }
                         PyOpKind::FlatMapValue => {
                             let r = f.call1((pv,)).map_err(fail)?;
                             for x in iterate(name, &r)? {
-                                ports[0].push(Item::new(Value::keyed(k.clone(), from_py(&x.map_err(fail)?)), at));
+                                ports[0].push(Item::new(Value::keyed(k.clone(), keep(x.map_err(fail)?)), at));
                             }
                         }
                         _ => {
@@ -298,7 +321,7 @@ fn run_batch(
                             if !new_state.is_none() {
                                 states.insert(k.clone(), new_state.unbind());
                             }
-                            ports[0].push(Item::new(Value::keyed(k, from_py(&emit)), at));
+                            ports[0].push(Item::new(Value::keyed(k, keep(emit)), at));
                         }
                     }
                 }
@@ -311,6 +334,19 @@ fn run_batch(
         }
     }
     (ports, errors, states)
+}
+
+/// The form in which a step passes its input on: the Python object when
+/// every consumer is Python, else a Rust value (converted back if an
+/// upstream step handed over a Python object).
+fn pass_on(keep_py: bool, v: Value, obj: Bound<'_, PyAny>) -> Value {
+    if keep_py {
+        Value::Py(Arc::new(obj.unbind()))
+    } else if matches!(v, Value::Py(_)) {
+        from_py(&obj)
+    } else {
+        v
+    }
 }
 
 fn want_bool(name: &str, r: &Bound<'_, PyAny>) -> Result<bool, ItemError> {

@@ -95,6 +95,9 @@ enum PyAction {
 
 type PyStates = HashMap<(Arc<str>, i64), Py<PyAny>>;
 
+/// A batch split into (key, value, origin).
+type Keyed = Vec<(Arc<str>, Value, Origin)>;
+
 pub(crate) struct WindowOp {
     step_id: String,
     plan: WindowPlan,
@@ -133,62 +136,73 @@ impl WindowOp {
     }
 
     /// Timestamps for a batch of values; `Err` items are skipped.
-    fn timestamps(&self, cx: &Cx, values: &[(Arc<str>, Value, Origin)], wall_now: Micros) -> Vec<Option<Micros>> {
+    fn timestamps(&self, cx: &Cx, values: Keyed, wall_now: Micros) -> (Keyed, Vec<Option<Micros>>) {
         match &self.plan.clock {
-            ClockSpec::System => vec![Some(wall_now); values.len()],
+            ClockSpec::System => {
+                let n = values.len();
+                (values, vec![Some(wall_now); n])
+            }
             ClockSpec::Event {
                 getter: TsGetter::Field { name, unit },
                 ..
-            } => values
-                .iter()
-                .map(|(_, v, at)| match field_ts(v, name, *unit) {
-                    Ok(ts) => Some(ts),
-                    Err(why) => {
-                        cx.skip(&self.step_id, "bad_timestamp", *at, || why);
-                        None
-                    }
-                })
-                .collect(),
+            } => {
+                let stamps = values
+                    .iter()
+                    .map(|(_, v, at)| match field_ts(v, name, *unit) {
+                        Ok(ts) => Some(ts),
+                        Err(why) => {
+                            cx.skip(&self.step_id, "bad_timestamp", *at, || why);
+                            None
+                        }
+                    })
+                    .collect();
+                (values, stamps)
+            }
             ClockSpec::Event {
                 getter: TsGetter::Py(f),
                 ..
             } => {
                 let f = f.clone();
                 let file = cx.file.clone();
-                let vals: Vec<Value> = values.iter().map(|(_, v, _)| v.clone()).collect();
+                let n = values.len();
                 let res = cx.py.run(move |py| {
                     let f = f.bind(py);
-                    vals.iter()
-                        .map(|v| {
+                    let stamps = values
+                        .iter()
+                        .map(|(_, v, _)| {
                             let fail = |e: PyErr| ItemError::Py(PyFailure::capture(py, &e, &file));
                             let r = f.call1((to_py(py, v).map_err(fail)?,)).map_err(fail)?;
                             micros(&r).map_err(|m| ItemError::Shape(format!("timestamp getter: {m}")))
                         })
-                        .collect::<Vec<Result<Micros, ItemError>>>()
+                        .collect::<Vec<Result<Micros, ItemError>>>();
+                    (values, stamps)
                 });
                 match res {
-                    Ok(list) => list
-                        .into_iter()
-                        .zip(values)
-                        .map(|(r, (_, _, at))| match r {
-                            Ok(ts) => Some(ts),
-                            Err(ItemError::Py(f)) => {
-                                cx.py_error(&self.step_id, *at, &f, "item skipped");
-                                None
-                            }
-                            Err(ItemError::Shape(m)) => {
-                                cx.skip(&self.step_id, "bad_timestamp", *at, || m);
-                                None
-                            }
-                        })
-                        .collect(),
+                    Ok((values, list)) => {
+                        let stamps = list
+                            .into_iter()
+                            .zip(&values)
+                            .map(|(r, (_, _, at))| match r {
+                                Ok(ts) => Some(ts),
+                                Err(ItemError::Py(f)) => {
+                                    cx.py_error(&self.step_id, *at, &f, "item skipped");
+                                    None
+                                }
+                                Err(ItemError::Shape(m)) => {
+                                    cx.skip(&self.step_id, "bad_timestamp", *at, || m);
+                                    None
+                                }
+                            })
+                            .collect();
+                        (values, stamps)
+                    }
                     Err(e) => {
                         tracing::error!(
                             "flow {} step {:?}: timestamps of a batch failed: {e}",
                             cx.flow_id,
                             self.step_id
                         );
-                        vec![None; values.len()]
+                        (Vec::new(), vec![None; n])
                     }
                 }
             }
@@ -643,7 +657,7 @@ impl Operator for WindowOp {
                 Err(v) => cx.skip(&self.step_id, "not_keyed", item.at, || super::stateless::not_keyed(&v)),
             }
         }
-        let stamps = self.timestamps(cx, &values, wall_now);
+        let (values, stamps) = self.timestamps(cx, values, wall_now);
         let wait = match self.plan.clock {
             ClockSpec::Event { wait, .. } => wait,
             ClockSpec::System => 0,

@@ -148,6 +148,24 @@ pub(crate) fn micros(o: &Bound<'_, PyAny>) -> Result<Micros, String> {
             repr(o)
         ));
     }
+    // Fast path: `timezone.utc`, read from the C struct without Python calls.
+    if let Ok(utc) = pyo3::types::PyTzInfo::utc(o.py()) {
+        if tz.is(&*utc) {
+            if let Ok(dt) = o.cast::<PyDateTime>() {
+                use pyo3::types::{PyDateAccess, PyTimeAccess};
+                let date = chrono::NaiveDate::from_ymd_opt(dt.get_year(), dt.get_month().into(), dt.get_day().into());
+                let time = chrono::NaiveTime::from_hms_micro_opt(
+                    dt.get_hour().into(),
+                    dt.get_minute().into(),
+                    dt.get_second().into(),
+                    dt.get_microsecond(),
+                );
+                if let (Some(d), Some(t)) = (date, time) {
+                    return Ok(d.and_time(t).and_utc().timestamp_micros());
+                }
+            }
+        }
+    }
     if let Ok(dt) = o.extract::<DateTime<FixedOffset>>() {
         return Ok(dt.timestamp_micros());
     }
