@@ -1,9 +1,10 @@
 //! Helpers shared by the integration tests.
 
 use std::collections::BTreeMap;
+use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -181,4 +182,185 @@ pub fn merged_sessions(replay: &str, step: &str) -> usize {
                 .is_some_and(|ids| !ids.is_empty())
         })
         .count()
+}
+
+/// `text` without ANSI escape sequences (`ESC [ ... final-byte`).
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            chars.next();
+            for d in chars.by_ref() {
+                if ('@'..='~').contains(&d) {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Write `text` to `dir/name`, creating missing folders; returns the path.
+pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).unwrap_or_else(|e| panic!("create {}: {e}", parent.display()));
+    }
+    fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    path
+}
+
+/// `path` as a TOML string literal.
+pub fn toml_path(path: &Path) -> String {
+    format!("{:?}", path.display().to_string())
+}
+
+/// The runnel binary as a command started in `dir`, with no log settings
+/// inherited from the caller.
+pub fn runnel_command(dir: &Path) -> Command {
+    let mut cmd = Command::new(runnel_bin());
+    cmd.current_dir(dir).env_remove("RUNNEL_LOG");
+    cmd
+}
+
+/// Write `dir/runnel.toml` for `runnel run`: flows from `flows_dir`, state in
+/// `dir/state`, log level info. Returns the config file's path.
+pub fn write_agent_config(dir: &Path, flows_dir: &Path) -> PathBuf {
+    write_file(
+        dir,
+        "runnel.toml",
+        &format!(
+            "device_id = \"test-device\"\nflows_dir = {}\nstate_dir = {}\nlog_level = \"info\"\n",
+            toml_path(flows_dir),
+            toml_path(&dir.join("state"))
+        ),
+    )
+}
+
+/// A running `runnel run --config CONFIG`, its stderr going to a file.
+/// Dropping it kills the process if it still runs (a failed test must not
+/// leave an agent behind).
+pub struct Agent {
+    child: Child,
+    stderr_path: PathBuf,
+}
+
+impl Agent {
+    /// Start `runnel run --config config` in `dir`; stderr goes to
+    /// `dir/stderr.txt`, stdin and stdout are null.
+    pub fn start(dir: &Path, config: &Path) -> Agent {
+        let stderr_path = dir.join("stderr.txt");
+        let stderr = fs::File::create(&stderr_path).unwrap_or_else(|e| panic!("{}: {e}", stderr_path.display()));
+        let child = runnel_command(dir)
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("start runnel run");
+        Agent { child, stderr_path }
+    }
+
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the agent logged so far, colour codes stripped.
+    pub fn stderr(&self) -> String {
+        strip_ansi(&fs::read_to_string(&self.stderr_path).unwrap_or_default())
+    }
+
+    /// Panics (showing the log) if the agent has exited.
+    pub fn assert_running(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("runnel run exited early ({status}):\n{}", self.stderr());
+        }
+    }
+
+    /// Poll `probe` every 20 ms until it yields a value, and return it.
+    /// Panics, showing `what`, the last probe's error text and the log,
+    /// if the agent exits or `within` passes first.
+    pub fn wait_for<T>(&mut self, within: Duration, what: &str, mut probe: impl FnMut() -> Result<T, String>) -> T {
+        let deadline = Instant::now() + within;
+        loop {
+            let why = match probe() {
+                Ok(v) => return v,
+                Err(why) => why,
+            };
+            self.assert_running();
+            assert!(
+                Instant::now() < deadline,
+                "waited {within:?} for {what}, in vain: {why}\nstderr:\n{}",
+                self.stderr()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Wait at most `within` until the log contains `needle`.
+    pub fn wait_for_log(&mut self, within: Duration, needle: &str) {
+        let deadline = Instant::now() + within;
+        while !self.stderr().contains(needle) {
+            self.assert_running();
+            assert!(
+                Instant::now() < deadline,
+                "waited {within:?} for the log line {needle:?}, in vain. stderr:\n{}",
+                self.stderr()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Send SIGTERM (as systemd stops a service) and wait at most `within`
+    /// for the agent to exit; returns how it exited.
+    pub fn terminate(&mut self, within: Duration) -> ExitStatus {
+        let killed = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(killed.success(), "kill -TERM {} failed", self.pid());
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for runnel run") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "runnel run still running {within:?} after SIGTERM:\n{}",
+                self.stderr()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The complete lines (ending in a newline) of the JSON lines file `path`,
+/// parsed; an absent file has none.
+pub fn jsonl_items(path: &Path) -> Vec<serde_json::Value> {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let complete = match text.rfind('\n') {
+        Some(end) => &text[..end],
+        None => "",
+    };
+    complete
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: line is not JSON ({e}): {l}", path.display())))
+        .collect()
 }

@@ -9,11 +9,13 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use runnel_tests::{run_with_timeout, runnel_bin, Finished};
+use runnel_tests::{
+    jsonl_items, run_with_timeout, runnel_command, strip_ansi, write_agent_config, write_file, Agent, Finished,
+};
 use serde_json::{json, Value};
 use tempfile::TempDir;
 
@@ -25,9 +27,7 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 
 /// `runnel` started in `dir`, with no log settings inherited from the caller.
 fn runnel(dir: &Path) -> Command {
-    let mut cmd = Command::new(runnel_bin());
-    cmd.current_dir(dir).env_remove("RUNNEL_LOG");
-    cmd
+    runnel_command(dir)
 }
 
 fn run(dir: &Path, args: &[&str]) -> Finished {
@@ -35,31 +35,12 @@ fn run(dir: &Path, args: &[&str]) -> Finished {
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let path = dir.join(name);
-    if let Some(parent) = path.parent() {
-        fs::create_dir_all(parent).unwrap();
-    }
-    fs::write(&path, text).unwrap();
-    path
+    write_file(dir, name, text)
 }
 
-/// `text` without ANSI escape sequences (`ESC [ ... final-byte`).
+/// `text` without ANSI escape sequences.
 fn plain(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' && chars.peek() == Some(&'[') {
-            chars.next();
-            for d in chars.by_ref() {
-                if ('@'..='~').contains(&d) {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
+    strip_ansi(text)
 }
 
 fn stderr_of(done: &Finished) -> String {
@@ -883,22 +864,6 @@ fn logs_written_to_a_pipe_carry_no_terminal_colour_codes() {
 // run: the agent
 // ---------------------------------------------------------------------------
 
-/// Kills the agent if a test fails while it runs.
-struct Agent(Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-fn toml_path(p: &Path) -> String {
-    format!("{:?}", p.display().to_string())
-}
-
 #[test]
 fn run_starts_the_good_flows_logs_the_broken_ones_and_stops_cleanly_on_sigterm() {
     let dir = TempDir::new().unwrap();
@@ -915,55 +880,23 @@ fn run_starts_the_good_flows_logs_the_broken_ones_and_stops_cleanly_on_sigterm()
     );
     let data: String = READINGS.iter().map(|(s, dt, t)| reading_json(s, *dt, *t)).collect();
     write(&flows, "readings.jsonl", &data);
-    let config = write(
-        dir.path(),
-        "runnel.toml",
-        &format!(
-            "device_id = \"test-device\"\nflows_dir = {}\nstate_dir = {}\nlog_level = \"info\"\n",
-            toml_path(&flows),
-            toml_path(&dir.path().join("state"))
-        ),
-    );
-    let stderr_path = dir.path().join("stderr.txt");
-    let child = runnel(dir.path())
-        .arg("run")
-        .arg("--config")
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(&stderr_path).unwrap())
-        .spawn()
-        .expect("start runnel run");
-    let mut agent = Agent(child);
-    let stderr = || plain(&fs::read_to_string(&stderr_path).unwrap_or_default());
+    let config = write_agent_config(dir.path(), &flows);
+    let mut agent = Agent::start(dir.path(), &config);
 
     // The good flow's windows reach its sink file.
     let out_path = flows.join("out.jsonl");
     let expected = expected_window_stats();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let items = loop {
-        let text = fs::read_to_string(&out_path).unwrap_or_default();
-        let complete: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
-        if complete.len() >= expected.len() && text.ends_with('\n') {
-            break complete
-                .iter()
-                .map(|l| serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("{l}: {e}")))
-                .collect::<Vec<_>>();
+    let items = agent.wait_for(Duration::from_secs(10), "the good flow's windows", || {
+        let items = jsonl_items(&out_path);
+        if items.len() >= expected.len() {
+            Ok(items)
+        } else {
+            Err(format!("{} has {items:?}", out_path.display()))
         }
-        if let Ok(Some(status)) = agent.0.try_wait() {
-            panic!("runnel run exited early ({status}):\n{}", stderr());
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no complete {} after 10 s; it has:\n{text}\nstderr:\n{}",
-            out_path.display(),
-            stderr()
-        );
-        thread::sleep(Duration::from_millis(50));
-    };
+    });
     assert_eq!(sorted(items), expected);
 
-    let log = stderr();
+    let log = agent.stderr();
     assert!(
         log.contains("broken.py:3") && log.contains("SyntaxError"),
         "the broken flow is logged:\n{log}"
@@ -971,25 +904,8 @@ fn run_starts_the_good_flows_logs_the_broken_ones_and_stops_cleanly_on_sigterm()
 
     // Stop it the way systemd does.
     thread::sleep(Duration::from_millis(300));
-    let killed = Command::new("kill")
-        .arg("-TERM")
-        .arg(agent.0.id().to_string())
-        .status()
-        .expect("run kill");
-    assert!(killed.success());
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let status = loop {
-        if let Some(status) = agent.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "runnel run still running 5 s after SIGTERM:\n{}",
-            stderr()
-        );
-        thread::sleep(Duration::from_millis(20));
-    };
-    let log = stderr();
+    let status = agent.terminate(Duration::from_secs(5));
+    let log = agent.stderr();
     assert_eq!(status.code(), Some(0), "exit after SIGTERM ({status}):\n{log}");
     assert!(log.contains("stopped"), "a line should say the agent stopped:\n{log}");
 }

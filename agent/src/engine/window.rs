@@ -358,26 +358,20 @@ impl WindowOp {
             for action in actions {
                 match action {
                     PyAction::Fold { key, id, value, at } => {
-                        let slot = (key, id);
-                        let acc = match states.remove(&slot) {
-                            Some(a) => a.into_bound(py),
-                            None => match builder.bind(py).call0() {
-                                Ok(a) => a,
+                        let slot = match states.entry((key, id)) {
+                            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                            std::collections::hash_map::Entry::Vacant(v) => match builder.bind(py).call0() {
+                                Ok(a) => v.insert(a.unbind()),
                                 Err(e) => {
                                     errors.push((at, fail(e), "item skipped (builder failed)"));
                                     continue;
                                 }
                             },
                         };
-                        let r = to_py(py, &value).and_then(|v| folder.bind(py).call1((acc.clone(), v)));
+                        let r = to_py(py, &value).and_then(|v| folder.bind(py).call1((slot.bind(py), v)));
                         match r {
-                            Ok(new) => {
-                                states.insert(slot, new.unbind());
-                            }
-                            Err(e) => {
-                                errors.push((at, fail(e), "item skipped, window state kept"));
-                                states.insert(slot, acc.unbind());
-                            }
+                            Ok(new) => *slot = new.unbind(),
+                            Err(e) => errors.push((at, fail(e), "item skipped, window state kept")),
                         }
                     }
                     PyAction::Merge { key, from, into } => {

@@ -57,12 +57,17 @@ fn send(cx: &SourceCtx, batch: &mut Vec<Item>) -> bool {
     cx.tx.blocking_send(SourceMsg::Batch(cx.input, full)).is_ok()
 }
 
-fn read_jsonl(mut reader: impl BufRead, file: &str, cx: &SourceCtx) {
+fn read_jsonl(mut reader: BufReader<File>, file: &str, cx: &SourceCtx) {
     let mut decoder = Decoder::default();
     let mut buf = Vec::with_capacity(4096);
     let mut batch = Vec::with_capacity(BATCH);
     let mut line = 0u64;
     loop {
+        // About to wait for more bytes (a FIFO or a growing file): hand over
+        // what has been read, so live readings are not held back.
+        if reader.buffer().is_empty() && !batch.is_empty() && !send(cx, &mut batch) {
+            return;
+        }
         buf.clear();
         match reader.read_until(b'\n', &mut buf) {
             Ok(0) => break,
