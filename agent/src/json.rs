@@ -67,7 +67,17 @@ impl Names {
 
 impl Decoder {
     pub(crate) fn decode(&mut self, text: &[u8]) -> Result<Value, serde_json::Error> {
-        let mut de = serde_json::Deserializer::from_slice(text);
+        // Validating the whole line at once is cheaper than string by string.
+        match std::str::from_utf8(text) {
+            Ok(text) => self.finish(serde_json::Deserializer::from_str(text)),
+            Err(_) => self.finish(serde_json::Deserializer::from_slice(text)),
+        }
+    }
+
+    fn finish<'de, R: serde_json::de::Read<'de>>(
+        &mut self,
+        mut de: serde_json::Deserializer<R>,
+    ) -> Result<Value, serde_json::Error> {
         let v = ValueSeed { names: &mut self.names }.deserialize(&mut de)?;
         de.end()?;
         Ok(v)

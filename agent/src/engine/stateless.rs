@@ -10,7 +10,7 @@ use pyo3::types::{PyBool, PyList, PyString, PyTuple};
 
 use super::{Cx, ItemError, Operator, Out};
 use crate::flow::{py_op_name, PyFn, PyOpKind};
-use crate::python::convert::{from_py, to_py, type_name};
+use crate::python::convert::{from_py, rust_str, to_py, type_name};
 use crate::python::error::PyFailure;
 use crate::value::{Item, Origin, Value};
 
@@ -258,7 +258,7 @@ fn run_batch(
                             type_name(&r)
                         ))
                     })?;
-                    let key: Arc<str> = Arc::from(key.to_str().map_err(fail)?);
+                    let key: Arc<str> = rust_str(key).map_err(fail)?;
                     let v = pass_on(keep_py, item.v, x);
                     ports[0].push(Item::new(Value::keyed(key, v), at));
                 }

@@ -30,6 +30,34 @@ thread_local! {
 
 const PY_STRINGS_MAX: usize = 8192;
 
+type KeyCache = rustc_hash::FxHashMap<usize, (Py<PyString>, Arc<str>)>;
+
+thread_local! {
+    /// The other direction: Python strings returned as keys (usually the
+    /// very objects `py_str` handed out) to shared `Arc<str>`s, keyed by
+    /// address; holding the Python string keeps the address from reuse.
+    static RUST_STRINGS: std::cell::RefCell<KeyCache> = Default::default();
+}
+
+/// A Python `str` as a shared Rust string, reusing earlier conversions.
+pub(crate) fn rust_str(s: &Bound<'_, PyString>) -> PyResult<Arc<str>> {
+    let addr = s.as_ptr() as usize;
+    RUST_STRINGS.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if let Some((_, a)) = cache.get(&addr) {
+            return Ok(a.clone());
+        }
+        let a: Arc<str> = Arc::from(s.to_str()?);
+        if a.len() <= 32 {
+            if cache.len() >= PY_STRINGS_MAX {
+                cache.clear();
+            }
+            cache.insert(addr, (s.clone().unbind(), a.clone()));
+        }
+        Ok(a)
+    })
+}
+
 fn py_str<'py>(py: Python<'py>, s: &Arc<str>) -> Bound<'py, PyString> {
     if s.len() > 32 {
         return PyString::new(py, s);
@@ -107,9 +135,9 @@ pub(crate) fn from_py(o: &Bound<'_, PyAny>) -> Value {
         if let Ok(x) = o.extract::<f64>() {
             return Value::Float(x);
         }
-    } else if o.is_exact_instance_of::<PyString>() {
-        if let Ok(s) = o.extract::<&str>() {
-            return Value::str(s);
+    } else if let Ok(s) = o.cast_exact::<PyString>() {
+        if let Ok(s) = rust_str(s) {
+            return Value::Str(s);
         }
     } else if let Ok(t) = o.cast_exact::<PyTuple>() {
         return Value::Tuple(t.iter().map(|x| from_py(&x)).collect());
@@ -138,32 +166,27 @@ pub(crate) fn from_py(o: &Bound<'_, PyAny>) -> Value {
 
 /// Microseconds since the epoch of a timezone-aware datetime.
 pub(crate) fn micros(o: &Bound<'_, PyAny>) -> Result<Micros, String> {
-    if !o.is_instance_of::<PyDateTime>() {
+    use pyo3::types::{PyDateAccess, PyTimeAccess, PyTzInfoAccess};
+    let Ok(dt) = o.cast::<PyDateTime>() else {
         return Err(format!("expected a datetime, got {}", type_name(o)));
-    }
-    let tz = o.getattr("tzinfo").map_err(|e| e.to_string())?;
-    if tz.is_none() {
+    };
+    let Some(tz) = dt.get_tzinfo() else {
         return Err(format!(
             "got a naive datetime {}; runnel needs timezone-aware datetimes (add tzinfo=timezone.utc)",
             repr(o)
         ));
-    }
+    };
     // Fast path: `timezone.utc`, read from the C struct without Python calls.
-    if let Ok(utc) = pyo3::types::PyTzInfo::utc(o.py()) {
-        if tz.is(&*utc) {
-            if let Ok(dt) = o.cast::<PyDateTime>() {
-                use pyo3::types::{PyDateAccess, PyTimeAccess};
-                let date = chrono::NaiveDate::from_ymd_opt(dt.get_year(), dt.get_month().into(), dt.get_day().into());
-                let time = chrono::NaiveTime::from_hms_micro_opt(
-                    dt.get_hour().into(),
-                    dt.get_minute().into(),
-                    dt.get_second().into(),
-                    dt.get_microsecond(),
-                );
-                if let (Some(d), Some(t)) = (date, time) {
-                    return Ok(d.and_time(t).and_utc().timestamp_micros());
-                }
-            }
+    if pyo3::types::PyTzInfo::utc(o.py()).is_ok_and(|utc| tz.is(&*utc)) {
+        let date = chrono::NaiveDate::from_ymd_opt(dt.get_year(), dt.get_month().into(), dt.get_day().into());
+        let time = chrono::NaiveTime::from_hms_micro_opt(
+            dt.get_hour().into(),
+            dt.get_minute().into(),
+            dt.get_second().into(),
+            dt.get_microsecond(),
+        );
+        if let (Some(d), Some(t)) = (date, time) {
+            return Ok(d.and_time(t).and_utc().timestamp_micros());
         }
     }
     if let Ok(dt) = o.extract::<DateTime<FixedOffset>>() {
