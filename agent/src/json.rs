@@ -69,9 +69,62 @@ impl Decoder {
     pub(crate) fn decode(&mut self, text: &[u8]) -> Result<Value, serde_json::Error> {
         // Validating the whole line at once is cheaper than string by string.
         match std::str::from_utf8(text) {
-            Ok(text) => self.finish(serde_json::Deserializer::from_str(text)),
+            Ok(text) => match self.decode_flat(text.as_bytes()) {
+                Some(v) => Ok(v),
+                None => self.finish(serde_json::Deserializer::from_str(text)),
+            },
             Err(_) => self.finish(serde_json::Deserializer::from_slice(text)),
         }
+    }
+
+    /// The common case, fast: one flat object whose values are strings
+    /// without escapes, numbers, booleans or null. Anything else (nesting,
+    /// escapes, and every error) returns `None` and goes to serde_json,
+    /// which then decides. Numbers are read with Rust's correctly rounded
+    /// parser, as Python's json module reads them.
+    fn decode_flat(&mut self, b: &[u8]) -> Option<Value> {
+        let mut i = skip_ws(b, 0);
+        if b.get(i) != Some(&b'{') {
+            return None;
+        }
+        i = skip_ws(b, i + 1);
+        let mut fields: Vec<(Arc<str>, Value)> = Vec::with_capacity(self.names.previous_keys.len().max(1));
+        if b.get(i) == Some(&b'}') {
+            return (skip_ws(b, i + 1) == b.len()).then_some(Value::Map(fields));
+        }
+        loop {
+            let (key, next) = flat_str(b, i)?;
+            let name = self.names.key(fields.len(), key);
+            i = skip_ws(b, next);
+            if b.get(i) != Some(&b':') {
+                return None;
+            }
+            i = skip_ws(b, i + 1);
+            let (value, next) = match *b.get(i)? {
+                b'"' => {
+                    let (text, next) = flat_str(b, i)?;
+                    (Value::Str(self.names.get(text)), next)
+                }
+                b't' if b[i..].starts_with(b"true") => (Value::Bool(true), i + 4),
+                b'f' if b[i..].starts_with(b"false") => (Value::Bool(false), i + 5),
+                b'n' if b[i..].starts_with(b"null") => (Value::Null, i + 4),
+                b'-' | b'0'..=b'9' => flat_number(b, i)?,
+                _ => return None,
+            };
+            // Like Python's json.loads, a repeated name keeps the last value.
+            if let Some(slot) = fields.iter_mut().find(|(n, _)| *n == name) {
+                slot.1 = value;
+            } else {
+                fields.push((name, value));
+            }
+            i = skip_ws(b, next);
+            match b.get(i)? {
+                b',' => i = skip_ws(b, i + 1),
+                b'}' => break,
+                _ => return None,
+            }
+        }
+        (skip_ws(b, i + 1) == b.len()).then_some(Value::Map(fields))
     }
 
     fn finish<'de, R: serde_json::de::Read<'de>>(
@@ -82,6 +135,74 @@ impl Decoder {
         de.end()?;
         Ok(v)
     }
+}
+
+fn skip_ws(b: &[u8], mut i: usize) -> usize {
+    while matches!(b.get(i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+        i += 1;
+    }
+    i
+}
+
+/// A string starting at `b[i] == '"'` without escapes or control
+/// characters: its text and the index after the closing quote.
+fn flat_str(b: &[u8], i: usize) -> Option<(&str, usize)> {
+    if b.get(i) != Some(&b'"') {
+        return None;
+    }
+    let start = i + 1;
+    let len = b[start..].iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20)?;
+    let end = start + len;
+    if b[end] != b'"' {
+        return None;
+    }
+    // The whole line was checked to be UTF-8 and quotes are ASCII.
+    Some((std::str::from_utf8(&b[start..end]).ok()?, end + 1))
+}
+
+/// A JSON number starting at `b[i]`, checked against JSON's grammar.
+fn flat_number(b: &[u8], i: usize) -> Option<(Value, usize)> {
+    let digits = |mut j: usize| {
+        let from = j;
+        while b.get(j).is_some_and(u8::is_ascii_digit) {
+            j += 1;
+        }
+        (j > from).then_some(j)
+    };
+    let mut j = i + usize::from(b[i] == b'-');
+    if b.get(j) == Some(&b'0') {
+        j += 1;
+    } else {
+        j = digits(j)?;
+    }
+    let mut integer = true;
+    if b.get(j) == Some(&b'.') {
+        integer = false;
+        j = digits(j + 1)?;
+    }
+    if matches!(b.get(j), Some(b'e' | b'E')) {
+        integer = false;
+        j += 1;
+        if matches!(b.get(j), Some(b'+' | b'-')) {
+            j += 1;
+        }
+        j = digits(j)?;
+    }
+    let text = std::str::from_utf8(&b[i..j]).ok()?;
+    let value = if integer {
+        match text.parse::<i64>() {
+            Ok(n) => Value::Int(n),
+            // Same as serde_json: a u64 beyond i64 becomes a float.
+            Err(_) => Value::Float(text.parse::<u64>().ok()? as f64),
+        }
+    } else {
+        let x = text.parse::<f64>().ok()?;
+        if !x.is_finite() {
+            return None;
+        }
+        Value::Float(x)
+    };
+    Some((value, j))
 }
 
 struct ValueSeed<'a> {
@@ -266,6 +387,66 @@ mod tests {
     #[test]
     fn whole_floats_keep_a_decimal_point_like_python() {
         assert_eq!(roundtrip("[1.0, 1e20, -0.5, 7]"), "[1.0, 1e+20, -0.5, 7]");
+    }
+
+    /// The fast path and serde_json agree on everything the fast path takes.
+    #[test]
+    fn the_flat_fast_path_decodes_like_serde_json() {
+        let lines = [
+            r#"{"sensor": "s-1", "ts": 1704067200.125, "temp": -21.5, "ok": true, "n": null, "k": 7}"#,
+            r#"  {"a":1,"b":"x","a":2}  "#,
+            r#"{}"#,
+            r#"{"big": 18446744073709551615, "e": 1E-7, "f": 2.5e+3, "z": 0.1}"#,
+            r#"{"long": "a string that is longer than thirty-two bytes, not shared"}"#,
+            r#"{"ü": "ä€𝄞"}"#,
+        ];
+        for line in lines {
+            let mut fast = Decoder::default();
+            let v = fast
+                .decode_flat(line.as_bytes())
+                .unwrap_or_else(|| panic!("fast path refused {line}"));
+            let mut a = String::new();
+            write(&v, &mut a);
+            let mut b = String::new();
+            let mut slow = Decoder::default();
+            write(&slow.finish(serde_json::Deserializer::from_str(line)).unwrap(), &mut b);
+            assert_eq!(a, b, "{line}");
+        }
+    }
+
+    #[test]
+    fn minus_zero_is_the_integer_zero_as_in_python() {
+        // serde_json would make it the float -0.0; Python's json.loads gives 0.
+        let v = Decoder::default().decode(br#"{"n": -0}"#).unwrap();
+        assert!(matches!(v.field("n"), Some(Value::Int(0))));
+    }
+
+    /// Everything unusual goes to serde_json, which reports errors.
+    #[test]
+    fn the_flat_fast_path_refuses_what_it_does_not_handle() {
+        for line in [
+            r#"{"a": [1]}"#,
+            r#"{"a": {"b": 1}}"#,
+            r#"{"a": "esc\"aped"}"#,
+            r#"{"a": 01}"#,
+            r#"{"a": 1.}"#,
+            r#"{"a": -}"#,
+            r#"{"a": 1e999}"#,
+            r#"{"a": -99999999999999999999}"#,
+            r#"{"a": tru}"#,
+            r#"{"a": 1,}"#,
+            r#"{"a": 1} x"#,
+            r#"[1, 2]"#,
+            "{\"a\": \"tab\there\"}",
+        ] {
+            assert!(Decoder::default().decode_flat(line.as_bytes()).is_none(), "{line}");
+        }
+        let mut d = Decoder::default();
+        assert!(d.decode(br#"{"a": 01}"#).is_err());
+        assert!(matches!(
+            d.decode(br#"{"a": -99999999999999999999}"#),
+            Ok(Value::Map(_))
+        ));
     }
 
     #[test]

@@ -77,13 +77,11 @@ impl Value {
     /// Split a keyed item `(key, value)` into its parts.
     pub(crate) fn into_keyed(self) -> Result<(Arc<str>, Value), Value> {
         match self {
-            Value::Tuple(mut parts) if parts.len() == 2 => {
-                if let Value::Str(k) = &parts[0] {
-                    let k = k.clone();
-                    let v = parts.pop().expect("two parts");
-                    Ok((k, v))
-                } else {
-                    Err(Value::Tuple(parts))
+            Value::Tuple(parts) if parts.len() == 2 && matches!(parts[0], Value::Str(_)) => {
+                let mut parts = parts.into_iter();
+                match (parts.next(), parts.next()) {
+                    (Some(Value::Str(k)), Some(v)) => Ok((k, v)),
+                    _ => unreachable!("checked: two parts, the first a str"),
                 }
             }
             other => Err(other),

@@ -247,8 +247,7 @@ impl WindowOp {
         } else {
             ks.queue.len()
         };
-        let due: Vec<Queued> = ks.queue.drain(..n_due).collect();
-        for q in due {
+        for q in ks.queue.drain(..n_due) {
             let ids = open_for(&plan.windower, &mut ks.windows, q.ts);
             let n = ids.clone().count();
             let mut value = Some(q.value);
@@ -688,8 +687,8 @@ impl Operator for WindowOp {
                 }
             } else {
                 let q = Queued { value, ts, at };
-                if plan.ordered {
-                    // Mostly in order already: the slot is found near the back.
+                if plan.ordered && ks.queue.back().is_some_and(|last| last.ts > ts) {
+                    // Out of order: find its place (after equal timestamps).
                     let pos = ks.queue.partition_point(|e| e.ts <= ts);
                     ks.queue.insert(pos, q);
                 } else {
