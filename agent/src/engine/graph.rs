@@ -53,6 +53,8 @@ struct Node {
 struct Engine {
     nodes: Vec<Node>,
     cx: Cx,
+    /// Per origin index, the way back to the source that allocated its items.
+    returns: Vec<Option<std::sync::mpsc::Sender<Vec<Item>>>>,
 }
 
 impl Engine {
@@ -71,6 +73,10 @@ impl Engine {
                 continue;
             }
             let consumers = self.nodes[node].consumers[port].clone();
+            if consumers.is_empty() {
+                self.cx.bury(items);
+                continue;
+            }
             let mut items = Some(items);
             for (i, (n, p)) in consumers.iter().enumerate() {
                 let batch = if i + 1 == consumers.len() {
@@ -108,6 +114,26 @@ impl Engine {
     fn flush(&mut self) {
         for n in &mut self.nodes {
             n.op.flush(&self.cx);
+        }
+        self.return_husks();
+    }
+
+    /// Hand buried items back to their sources (dropped here if a source is gone).
+    fn return_husks(&mut self) {
+        let husks = std::mem::take(&mut *self.cx.graveyard.borrow_mut());
+        if husks.is_empty() {
+            return;
+        }
+        let mut by_source: Vec<Vec<Item>> = (0..self.returns.len()).map(|_| Vec::new()).collect();
+        for item in husks {
+            if let Some(list) = by_source.get_mut(item.at.src as usize) {
+                list.push(item);
+            }
+        }
+        for (src, list) in by_source.into_iter().enumerate() {
+            if let (false, Some(Some(tx))) = (list.is_empty(), self.returns.get(src)) {
+                let _ = tx.send(list);
+            }
         }
     }
 }
@@ -167,6 +193,7 @@ fn engine_main(plan: FlowPlan, opts: FlowOptions, py: PyRunner, rt: tokio::runti
         }
     }
     let mut origins = vec![String::new()];
+    let mut returns: Vec<Option<std::sync::mpsc::Sender<Vec<Item>>>> = vec![None];
     let mut sources = Vec::new();
     let mut nodes: Vec<Node> = Vec::new();
     let mut input_nodes = Vec::new();
@@ -238,10 +265,14 @@ fn engine_main(plan: FlowPlan, opts: FlowOptions, py: PyRunner, rt: tokio::runti
         warnings: warnings.clone(),
         origins: Arc::new(origins),
         live: opts.live,
+        graveyard: Default::default(),
     };
-    let mut engine = Engine { nodes, cx };
     let n_inputs = input_nodes.len();
+    let mut starts = Vec::new();
     for (input, step_id, origin, config) in sources {
+        let (back_tx, back_rx) = std::sync::mpsc::channel();
+        returns.resize(origin as usize + 1, None);
+        returns[origin as usize] = Some(back_tx);
         let scx = SourceCtx {
             input,
             step_id,
@@ -250,7 +281,12 @@ fn engine_main(plan: FlowPlan, opts: FlowOptions, py: PyRunner, rt: tokio::runti
             tx: tx.clone(),
             counters: counters.clone(),
             warnings: warnings.clone(),
+            returns: back_rx,
         };
+        starts.push((config, scx));
+    }
+    let mut engine = Engine { nodes, cx, returns };
+    for (config, scx) in starts {
         config.start(scx, &rt);
     }
     drop(tx);

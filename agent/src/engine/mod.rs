@@ -64,9 +64,17 @@ pub(crate) struct Cx {
     /// Live (`run`): watermarks also advance with the monotonic clock and
     /// timers fire. Replay: time comes from the data alone.
     pub live: bool,
+    /// Items steps are done with; the engine hands them back to the
+    /// sources that allocated them (see `SourceCtx::returns`).
+    pub graveyard: std::cell::RefCell<Vec<Item>>,
 }
 
 impl Cx {
+    /// A step is done with these items.
+    pub(crate) fn bury(&self, items: impl IntoIterator<Item = Item>) {
+        self.graveyard.borrow_mut().extend(items);
+    }
+
     /// "data.jsonl line 12", or "" when a step made the item.
     pub(crate) fn origin(&self, at: Origin) -> String {
         match self.origins.get(at.src as usize) {

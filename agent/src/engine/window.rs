@@ -236,8 +236,9 @@ fn watermark(spec: &ClockSpec, live: bool, clock: &Clock, now: Instant, wall_now
 
 impl WindowOp {
     /// Close times and queue entries become due: flush `key` at `wm`.
-    fn flush_key(&mut self, key: &Arc<str>, wm: Micros, out: &mut Out, actions: &mut Vec<PyAction>) {
+    fn flush_key(&mut self, cx: &Cx, key: &Arc<str>, wm: Micros, out: &mut Out, actions: &mut Vec<PyAction>) {
         let plan = &self.plan;
+        let mut graveyard = cx.graveyard.borrow_mut();
         let Some(ks) = self.keys.get_mut(key) else {
             return;
         };
@@ -264,14 +265,17 @@ impl WindowOp {
                         value: v,
                         at: q.at,
                     }),
-                    LogicSpec::Count => match ks.accs.entry(id).or_insert(Acc::Count(0)) {
-                        Acc::Count(c) => *c += 1,
-                        Acc::Agg(_) => {}
-                    },
+                    LogicSpec::Count => {
+                        if let Acc::Count(c) = ks.accs.entry(id).or_insert(Acc::Count(0)) {
+                            *c += 1;
+                        }
+                        graveyard.push(Item::new(v, q.at));
+                    }
                     LogicSpec::Aggregate(spec) => {
                         if let Acc::Agg(a) = ks.accs.entry(id).or_insert_with(|| Acc::Agg(AggAcc::new(spec))) {
                             a.add(spec, &v);
                         }
+                        graveyard.push(Item::new(v, q.at));
                     }
                 }
             }
@@ -701,7 +705,7 @@ impl Operator for WindowOp {
         for key in touched {
             let wm = self.keys.get_mut(&key).and_then(|ks| ks.touched.take());
             if let Some(wm) = wm {
-                self.flush_key(&key, wm, out, &mut actions);
+                self.flush_key(cx, &key, wm, out, &mut actions);
             }
         }
         self.run_py(cx, actions, out);
@@ -712,7 +716,7 @@ impl Operator for WindowOp {
         keys.sort();
         let mut actions = Vec::new();
         for key in keys {
-            self.flush_key(&key, i64::MAX, out, &mut actions);
+            self.flush_key(cx, &key, i64::MAX, out, &mut actions);
         }
         self.run_py(cx, actions, out);
     }
@@ -727,7 +731,7 @@ impl Operator for WindowOp {
             .collect();
         let mut actions = Vec::new();
         for (key, wm) in due {
-            self.flush_key(&key, wm, out, &mut actions);
+            self.flush_key(cx, &key, wm, out, &mut actions);
         }
         self.run_py(cx, actions, out);
     }

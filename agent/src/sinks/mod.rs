@@ -52,9 +52,10 @@ impl OutputOp {
         OutputOp { step_id, target }
     }
 
-    fn render(&self, items: &[Value]) -> String {
+    fn render<V: std::borrow::Borrow<Value>>(&self, items: &[V]) -> String {
         let mut text = String::with_capacity(items.len() * 64);
         for v in items {
+            let v = v.borrow();
             match &self.target {
                 Target::Replay(_) => json::replay_line(&self.step_id, v, &mut text),
                 _ => {
@@ -65,29 +66,9 @@ impl OutputOp {
         }
         text
     }
-}
 
-impl Operator for OutputOp {
-    fn on_batch(&mut self, cx: &Cx, _port: usize, batch: Vec<Item>, _out: &mut Out) {
-        cx.counters.add(&format!("{}.items", self.step_id), batch.len() as u64);
-        let mut values: Vec<Value> = batch.into_iter().map(|i| i.v).collect();
-        if values.iter().any(Value::has_py) {
-            match cx
-                .py
-                .run(move |py| values.into_iter().map(|v| resolve_for_json(py, v)).collect::<Vec<_>>())
-            {
-                Ok(v) => values = v,
-                Err(e) => {
-                    tracing::error!(
-                        "flow {} output {:?}: could not render items: {e}",
-                        cx.flow_id,
-                        self.step_id
-                    );
-                    return;
-                }
-            }
-        }
-        let text = self.render(&values);
+    fn write<V: std::borrow::Borrow<Value>>(&mut self, cx: &Cx, values: &[V]) {
+        let text = self.render(values);
         let step = &self.step_id;
         let result = match &mut self.target {
             Target::Replay(w) => w.lock().unwrap_or_else(|p| p.into_inner()).write_all(text.as_bytes()),
@@ -125,7 +106,30 @@ impl Operator for OutputOp {
                 });
         }
     }
+}
 
+impl Operator for OutputOp {
+    fn on_batch(&mut self, cx: &Cx, _port: usize, batch: Vec<Item>, _out: &mut Out) {
+        cx.counters.add(&format!("{}.items", self.step_id), batch.len() as u64);
+        if batch.iter().any(|i| i.v.has_py()) {
+            let values: Vec<Value> = batch.into_iter().map(|i| i.v).collect();
+            match cx
+                .py
+                .run(move |py| values.into_iter().map(|v| resolve_for_json(py, v)).collect::<Vec<_>>())
+            {
+                Ok(values) => self.write(cx, &values),
+                Err(e) => tracing::error!(
+                    "flow {} output {:?}: could not render items: {e}",
+                    cx.flow_id,
+                    self.step_id
+                ),
+            }
+        } else {
+            let values: Vec<&Value> = batch.iter().map(|i| &i.v).collect();
+            self.write(cx, &values);
+            cx.bury(batch);
+        }
+    }
     fn flush(&mut self, _cx: &Cx) {
         let _ = match &mut self.target {
             Target::Replay(w) => w.lock().unwrap_or_else(|p| p.into_inner()).flush(),

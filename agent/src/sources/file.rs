@@ -53,6 +53,7 @@ fn send(cx: &SourceCtx, batch: &mut Vec<Item>) -> bool {
     if batch.is_empty() {
         return true;
     }
+    cx.reap();
     let full = std::mem::replace(batch, Vec::with_capacity(BATCH));
     cx.tx.blocking_send(SourceMsg::Batch(cx.input, full)).is_ok()
 }
