@@ -101,11 +101,14 @@ pub(crate) struct PyOp {
     pub keep_py: bool,
 }
 
-/// What a Python batch job returns to the engine thread.
+/// What a Python batch job returns to the engine thread: output batches
+/// per port, item errors, the step's per-key state, and the inputs it is
+/// done with.
 type JobResult = (
     Vec<Vec<Item>>,
     Vec<(Origin, ItemError)>,
     Option<HashMap<Arc<str>, Py<PyAny>>>,
+    Vec<Item>,
 );
 
 impl Operator for PyOp {
@@ -122,8 +125,9 @@ impl Operator for PyOp {
             .py
             .run(move |py| run_batch(py, kind, &f, &file, &full_id, batch, states, n_ports, keep_py));
         match job {
-            Ok((ports, errors, states)) => {
+            Ok((ports, errors, states, husks)) => {
                 self.states = states;
+                cx.bury(husks);
                 for (i, p) in ports.into_iter().enumerate() {
                     out.ports[i] = p;
                 }
@@ -173,6 +177,9 @@ fn run_batch(
         .map(|_| Vec::with_capacity(if kind == PyOpKind::Filter { batch.len() } else { 0 }))
         .collect();
     let mut errors = Vec::new();
+    // Inputs this step is done with go back to the engine, which returns
+    // them to the thread that allocated them.
+    let mut husks: Vec<Item> = Vec::new();
     let fail = |e: PyErr| ItemError::Py(PyFailure::capture(py, &e, file));
     let name = py_op_name(kind);
 
@@ -203,7 +210,7 @@ fn run_batch(
         if let Err(e) = result {
             errors.push((at, e));
         }
-        return (ports, errors, states);
+        return (ports, errors, states, batch);
     }
 
     // With `keep_py`, results stay Python objects: every consumer is Python
@@ -222,6 +229,7 @@ fn run_batch(
                 PyOpKind::Map => {
                     let r = f.call1((to_py(py, &item.v).map_err(fail)?,)).map_err(fail)?;
                     ports[0].push(Item::new(keep(r), at));
+                    husks.push(item);
                 }
                 PyOpKind::Filter | PyOpKind::Branch => {
                     let x = to_py(py, &item.v).map_err(fail)?;
@@ -232,9 +240,10 @@ fn run_batch(
                     } else if kind == PyOpKind::Branch {
                         1
                     } else {
+                        husks.push(item);
                         return Ok(());
                     };
-                    let v = pass_on(keep_py, item.v, x);
+                    let v = pass_on(keep_py, item.v, x, &mut husks, at);
                     ports[port].push(Item::new(v, at));
                 }
                 PyOpKind::FilterMap => {
@@ -242,12 +251,14 @@ fn run_batch(
                     if !r.is_none() {
                         ports[0].push(Item::new(keep(r), at));
                     }
+                    husks.push(item);
                 }
                 PyOpKind::FlatMap => {
                     let r = f.call1((to_py(py, &item.v).map_err(fail)?,)).map_err(fail)?;
                     for x in iterate(name, &r)? {
                         ports[0].push(Item::new(keep(x.map_err(fail)?), at));
                     }
+                    husks.push(item);
                 }
                 PyOpKind::KeyOn => {
                     let x = to_py(py, &item.v).map_err(fail)?;
@@ -259,13 +270,13 @@ fn run_batch(
                         ))
                     })?;
                     let key: Arc<str> = rust_str(key).map_err(fail)?;
-                    let v = pass_on(keep_py, item.v, x);
+                    let v = pass_on(keep_py, item.v, x, &mut husks, at);
                     ports[0].push(Item::new(Value::keyed(key, v), at));
                 }
                 PyOpKind::Inspect => {
                     let x = to_py(py, &item.v).map_err(fail)?;
                     let r = f.call1((full_id, x.clone()));
-                    let v = pass_on(keep_py, item.v, x);
+                    let v = pass_on(keep_py, item.v, x, &mut husks, at);
                     ports[0].push(Item::new(v, at));
                     r.map_err(fail)?;
                 }
@@ -276,12 +287,15 @@ fn run_batch(
                         PyOpKind::MapValue => {
                             let r = f.call1((pv,)).map_err(fail)?;
                             ports[0].push(Item::new(Value::keyed(k, keep(r)), at));
+                            husks.push(Item::new(v, at));
                         }
                         PyOpKind::FilterValue => {
                             let r = f.call1((pv.clone(),)).map_err(fail)?;
                             if want_bool(name, &r)? {
-                                let v = pass_on(keep_py, v, pv);
+                                let v = pass_on(keep_py, v, pv, &mut husks, at);
                                 ports[0].push(Item::new(Value::keyed(k, v), at));
+                            } else {
+                                husks.push(Item::new(v, at));
                             }
                         }
                         PyOpKind::FlatMapValue => {
@@ -289,6 +303,7 @@ fn run_batch(
                             for x in iterate(name, &r)? {
                                 ports[0].push(Item::new(Value::keyed(k.clone(), keep(x.map_err(fail)?)), at));
                             }
+                            husks.push(Item::new(v, at));
                         }
                         _ => {
                             let states = states.get_or_insert_with(HashMap::new);
@@ -322,6 +337,7 @@ fn run_batch(
                                 states.insert(k.clone(), new_state.unbind());
                             }
                             ports[0].push(Item::new(Value::keyed(k, keep(emit)), at));
+                            husks.push(Item::new(v, at));
                         }
                     }
                 }
@@ -333,14 +349,15 @@ fn run_batch(
             errors.push((at, e));
         }
     }
-    (ports, errors, states)
+    (ports, errors, states, husks)
 }
 
 /// The form in which a step passes its input on: the Python object when
 /// every consumer is Python, else a Rust value (converted back if an
 /// upstream step handed over a Python object).
-fn pass_on(keep_py: bool, v: Value, obj: Bound<'_, PyAny>) -> Value {
+fn pass_on(keep_py: bool, v: Value, obj: Bound<'_, PyAny>, husks: &mut Vec<Item>, at: Origin) -> Value {
     if keep_py {
+        husks.push(Item::new(v, at));
         Value::Py(Arc::new(obj.unbind()))
     } else if matches!(v, Value::Py(_)) {
         from_py(&obj)

@@ -357,6 +357,7 @@ impl WindowOp {
         let res = cx.py.run(move |py| {
             let mut emitted: Vec<(Arc<str>, i64, Value)> = Vec::new();
             let mut errors: Vec<(Origin, PyFailure, &'static str)> = Vec::new();
+            let mut husks: Vec<Item> = Vec::new();
             let fail = |e: PyErr| PyFailure::capture(py, &e, &file);
             for action in actions {
                 match action {
@@ -376,6 +377,7 @@ impl WindowOp {
                             Ok(new) => *slot = new.unbind(),
                             Err(e) => errors.push((at, fail(e), "item skipped, window state kept")),
                         }
+                        husks.push(Item::new(value, at));
                     }
                     PyAction::Merge { key, from, into } => {
                         let Some(src) = states.remove(&(key.clone(), from)) else {
@@ -410,11 +412,12 @@ impl WindowOp {
                     }
                 }
             }
-            (emitted, errors, states)
+            (emitted, errors, states, husks)
         });
         match res {
-            Ok((emitted, errors, states)) => {
+            Ok((emitted, errors, states, husks)) => {
                 self.py_states = Some(states);
+                cx.bury(husks);
                 for (key, id, v) in emitted {
                     out.ports[0].push(emit(&key, id, v));
                 }
