@@ -221,14 +221,28 @@ fn replay(path: &Path, inputs: &[String], keep_sinks: bool) -> anyhow::Result<Ex
         };
         handles.push(run_flow(plan, opts, py.clone(), rt.handle().clone())?);
     }
+    let mut unreadable = 0;
     for h in handles {
         match h.join() {
-            Ok(report) => summarize(&report),
+            Ok(report) => {
+                summarize(&report);
+                unreadable += report
+                    .counters
+                    .iter()
+                    .filter(|(k, _)| k.ends_with(".source_errors"))
+                    .map(|(_, n)| n)
+                    .sum::<u64>();
+            }
             Err(_) => anyhow::bail!("a flow's engine thread panicked"),
         }
     }
     let _ = out.lock().unwrap_or_else(|p| p.into_inner()).flush();
     rt.shutdown_background();
+    if unreadable > 0 {
+        // The replay ran on what could be read, but an input is missing: say so in the exit code.
+        eprintln!("error: {unreadable} input file(s) could not be read (see above); the output is incomplete");
+        return Ok(ExitCode::from(1));
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -375,7 +375,7 @@ fn load_on_python_thread(py: Python<'_>, path: &Path, source: &str) -> Result<Fl
     }
     let mut plans: Vec<FlowPlan> = Vec::new();
     for flow in flows {
-        let plan = read_flow(py, &flow, &file, dir).map_err(|e| match e {
+        let plan = read_flow(&flow, &file, dir).map_err(|e| match e {
             ReadErr::Py(err) => fail(err),
             ReadErr::Msg(m) => LoadError::Invalid(m),
         })?;
@@ -407,7 +407,7 @@ fn attr<'py, T: for<'a> FromPyObjectOwned<'py>>(o: &Bound<'py, PyAny>, name: &st
 
 use pyo3::conversion::FromPyObjectOwned;
 
-fn read_flow(py: Python<'_>, flow: &Bound<'_, PyAny>, file: &str, dir: &Path) -> Result<FlowPlan, ReadErr> {
+fn read_flow(flow: &Bound<'_, PyAny>, file: &str, dir: &Path) -> Result<FlowPlan, ReadErr> {
     let flow_id: String = attr(flow, "flow_id")?;
     let location: String = attr(flow, "_where")?;
     let mut steps = Vec::new();
@@ -431,7 +431,7 @@ fn read_flow(py: Python<'_>, flow: &Bound<'_, PyAny>, file: &str, dir: &Path) ->
                 timeout: delta_micros(&p("timeout")?)?,
                 max_size: p("max_size")?.extract()?,
             },
-            "window" => StepKind::Window(read_window(py, &params, &step_id, &where_)?),
+            "window" => StepKind::Window(read_window(&params, &step_id, &where_)?),
             other => {
                 let op = match other {
                     "map" => PyOpKind::Map,
@@ -467,7 +467,6 @@ fn read_flow(py: Python<'_>, flow: &Bound<'_, PyAny>, file: &str, dir: &Path) ->
             "{location}: flow {flow_id:?} has no input step; add one with op.input(\"in\", flow, sources.file(...))"
         )));
     }
-    let _ = file;
     Ok(FlowPlan {
         flow_id,
         file: file.to_string(),
@@ -514,7 +513,7 @@ fn read_sink(sink: &Bound<'_, PyAny>, dir: &Path) -> Result<SinkSpec, ReadErr> {
     }
 }
 
-fn read_window(py: Python<'_>, params: &Bound<'_, PyAny>, step_id: &str, where_: &str) -> Result<WindowPlan, ReadErr> {
+fn read_window(params: &Bound<'_, PyAny>, step_id: &str, where_: &str) -> Result<WindowPlan, ReadErr> {
     let clock = params.get_item("clock")?;
     let clock_cls: String = clock.get_type().name()?.to_string();
     let clock = if clock_cls == "SystemClock" {
@@ -585,7 +584,6 @@ fn read_window(py: Python<'_>, params: &Bound<'_, PyAny>, step_id: &str, where_:
         },
     };
     let ordered: bool = params.get_item("ordered")?.extract()?;
-    let _ = py;
     Ok(WindowPlan {
         clock,
         windower,

@@ -927,3 +927,19 @@ fn run_with_a_missing_config_file_fails_naming_the_file() {
     assert_exit_failed(&done);
     assert_stderr_has(&done, "absent.toml");
 }
+
+#[test]
+fn replay_of_a_flow_whose_own_input_file_is_missing_fails_naming_the_file() {
+    let dir = TempDir::new().unwrap();
+    write(
+        dir.path(),
+        "lost.py",
+        "from runnel import Dataflow, op, sources, sinks\n\
+         flow = Dataflow(\"lost\")\n\
+         op.output(\"out\", op.input(\"in\", flow, sources.file(\"nowhere.jsonl\")), sinks.stdout())\n",
+    );
+    let done = run(dir.path(), &["replay", "lost.py"]);
+    assert_exit_failed(&done);
+    assert_stderr_has(&done, "nowhere.jsonl");
+    assert_stderr_has(&done, "could not be read");
+}
