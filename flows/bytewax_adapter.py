@@ -698,9 +698,15 @@ def _build_runnel_modules():
 
     def op_inspect(step_id: str, up, inspector=_default_inspector):
         _check_fn(step_id, "inspector", inspector)
-        # Bytewax would pass its fully qualified id ("flow.step"); runnel
-        # passes the step id.
-        return bop.inspect(_bw_id(step_id), up, lambda _fq_id, item: inspector(step_id, item))
+        # Bytewax passes its fully qualified id "<flow id>.<step id>", as
+        # runnel does; the Bytewax step id here may be mangled, so rebuild it.
+        bw_id = _bw_id(step_id)
+
+        def shim(fq_id, item):
+            flow_id = fq_id[: -len(bw_id) - 1] if fq_id.endswith("." + bw_id) else fq_id
+            inspector(f"{flow_id}.{step_id}", item)
+
+        return bop.inspect(bw_id, up, shim)
 
     def op_stateful_map(step_id: str, up, mapper):
         _check_fn(step_id, "mapper", mapper)

@@ -13,6 +13,9 @@ use crate::engine::{run_flow, FlowOptions, OutputMode};
 use crate::flow;
 use crate::python::PyRunner;
 
+/// How long flows get to stop after SIGTERM before the agent exits anyway.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub(crate) fn run(config: Config) -> anyhow::Result<ExitCode> {
     tracing::info!(
         "runnel {} starting: device {}, flows from {}, state in {}",
@@ -95,10 +98,39 @@ pub(crate) fn run(config: Config) -> anyhow::Result<ExitCode> {
         }
     });
     let _ = stop_tx.send(true);
+    // A Python function may be running (a sleep, a network call): ask it to
+    // stop with KeyboardInterrupt, and do not wait for it forever.
+    // SAFETY: PyErr_SetInterrupt only sets a flag; it may be called from any thread.
+    unsafe { pyo3::ffi::PyErr_SetInterrupt() };
+    let n = handles.len();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
     for h in handles {
-        if let Ok(report) = h.join() {
-            crate::cli::summarize(&report);
+        let tx = done_tx.clone();
+        std::thread::spawn(move || {
+            if let Ok(report) = h.join() {
+                let _ = tx.send(report);
+            }
+        });
+    }
+    drop(done_tx);
+    let deadline = std::time::Instant::now() + STOP_GRACE;
+    let mut stopped = 0;
+    while stopped < n {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match done_rx.recv_timeout(left) {
+            Ok(report) => {
+                crate::cli::summarize(&report);
+                stopped += 1;
+            }
+            Err(_) => break,
         }
+    }
+    if stopped < n {
+        tracing::warn!(
+            "{} flow(s) did not stop within {}s (a Python function still running?); exiting anyway",
+            n - stopped,
+            STOP_GRACE.as_secs()
+        );
     }
     rt.shutdown_background();
     tracing::info!("runnel stopped");

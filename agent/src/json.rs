@@ -291,6 +291,18 @@ impl<'de> Visitor<'de> for KeySeed<'_> {
 /// thread first (`python::convert::resolve_for_json`); if one slips
 /// through it is written as a placeholder string rather than panicking.
 pub(crate) fn write(v: &Value, out: &mut String) {
+    write_at(v, out, 0);
+}
+
+/// Deeper than this, output would be refused by common JSON parsers
+/// (serde_json stops at 128): the rest is written as a marker string.
+const MAX_OUTPUT_DEPTH: usize = 100;
+
+fn write_at(v: &Value, out: &mut String, depth: usize) {
+    if depth > MAX_OUTPUT_DEPTH && matches!(v, Value::List(_) | Value::Tuple(_) | Value::Map(_)) {
+        out.push_str("\"<nested deeper than 100 levels>\"");
+        return;
+    }
     match v {
         Value::Null => out.push_str("null"),
         Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
@@ -305,7 +317,7 @@ pub(crate) fn write(v: &Value, out: &mut String) {
                 if i > 0 {
                     out.push_str(", ");
                 }
-                write(x, out);
+                write_at(x, out, depth + 1);
             }
             out.push(']');
         }
@@ -317,7 +329,7 @@ pub(crate) fn write(v: &Value, out: &mut String) {
                 }
                 write_str(k, out);
                 out.push_str(": ");
-                write(x, out);
+                write_at(x, out, depth + 1);
             }
             out.push('}');
         }

@@ -1,6 +1,7 @@
 //! `op.collect`: per-key lists of up to `max_size` values, emitted when
-//! full, when `timeout` of system time has passed since the first value
-//! (live only: replays are deterministic), or at end of input.
+//! full, when `timeout` of system time passes without a new value for the
+//! key (live only: replays are deterministic; Bytewax restarts the timeout
+//! with every value too), or at end of input.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -42,6 +43,7 @@ impl Operator for CollectOp {
             match item.v.into_keyed() {
                 Ok((k, v)) => {
                     let entry = self.lists.entry(k.clone()).or_insert_with(|| (now, Vec::new()));
+                    entry.0 = now;
                     entry.1.push(v);
                     if entry.1.len() >= self.max_size {
                         let (_, values) = self.lists.remove(&k).expect("list");
@@ -62,7 +64,10 @@ impl Operator for CollectOp {
         }
     }
 
-    fn on_tick(&mut self, _cx: &Cx, now: Instant, out: &mut Out) {
+    fn on_tick(&mut self, cx: &Cx, now: Instant, out: &mut Out) {
+        if !cx.live {
+            return;
+        }
         let timeout = self.timeout();
         let due: Vec<Arc<str>> = self
             .lists
@@ -77,6 +82,7 @@ impl Operator for CollectOp {
     }
 
     fn deadline(&self) -> Option<Instant> {
+        // (Deadlines are only asked for in live mode.)
         let timeout = self.timeout();
         self.lists.values().map(|(t, _)| *t + timeout).min()
     }

@@ -334,6 +334,13 @@ fn engine_main(plan: FlowPlan, opts: FlowOptions, py: PyRunner, rt: tokio::runti
         match next {
             Next::Msg(Some(SourceMsg::Batch(input, items))) => {
                 engine.push(input_nodes[input], 0, items);
+                // A busy input must not starve other keys' timers.
+                if opts.live {
+                    let now = Instant::now();
+                    if engine.deadline().is_some_and(|d| d <= now) {
+                        engine.tick(now);
+                    }
+                }
             }
             Next::Msg(Some(SourceMsg::Eof(input))) => {
                 ended[input] = true;

@@ -215,13 +215,7 @@ fn run_batch(
 
     // With `keep_py`, results stay Python objects: every consumer is Python
     // too, so converting back and forth would be wasted work.
-    let keep = |obj: Bound<'_, PyAny>| {
-        if keep_py {
-            Value::Py(Arc::new(obj.unbind()))
-        } else {
-            from_py(&obj)
-        }
-    };
+    let keep = |obj: Bound<'_, PyAny>| if keep_py { py_value(obj) } else { from_py(&obj) };
     for item in batch {
         let at = item.at;
         let result = (|| -> Result<(), ItemError> {
@@ -263,7 +257,7 @@ fn run_batch(
                 PyOpKind::KeyOn => {
                     let x = to_py(py, &item.v).map_err(fail)?;
                     let r = f.call1((x.clone(),)).map_err(fail)?;
-                    let key = r.cast_exact::<PyString>().map_err(|_| {
+                    let key = r.cast::<PyString>().map_err(|_| {
                         ItemError::Shape(format!(
                             "return value of `key` must be a `str`; got a {}",
                             type_name(&r)
@@ -281,7 +275,7 @@ fn run_batch(
                     r.map_err(fail)?;
                 }
                 PyOpKind::MapValue | PyOpKind::FilterValue | PyOpKind::FlatMapValue | PyOpKind::StatefulMap => {
-                    let (k, v) = item.v.into_keyed().map_err(|v| ItemError::Shape(not_keyed(&v)))?;
+                    let (k, v) = split_keyed(py, item.v).map_err(|v| ItemError::Shape(not_keyed(&v)))?;
                     let pv = to_py(py, &v).map_err(fail)?;
                     match kind {
                         PyOpKind::MapValue => {
@@ -321,8 +315,13 @@ fn run_batch(
                                     return Err(fail(e));
                                 }
                             };
-                            let pair = r.cast::<PyTuple>().ok().filter(|t| t.len() == 2);
-                            let Some(pair) = pair else {
+                            // Like Bytewax's `s, w = res`: any iterable of exactly two.
+                            let pair: Option<Vec<Bound<'_, PyAny>>> = r
+                                .try_iter()
+                                .ok()
+                                .and_then(|it| it.take(3).collect::<PyResult<Vec<_>>>().ok())
+                                .filter(|items| items.len() == 2);
+                            let Some(mut pair) = pair else {
                                 if let Some(old) = old {
                                     states.insert(k, old);
                                 }
@@ -331,8 +330,8 @@ fn run_batch(
                                     type_name(&r)
                                 )));
                             };
-                            let new_state = pair.get_item(0).map_err(fail)?;
-                            let emit = pair.get_item(1).map_err(fail)?;
+                            let emit = pair.pop().expect("two items");
+                            let new_state = pair.pop().expect("two items");
                             if !new_state.is_none() {
                                 states.insert(k.clone(), new_state.unbind());
                             }
@@ -358,11 +357,53 @@ fn run_batch(
 fn pass_on(keep_py: bool, v: Value, obj: Bound<'_, PyAny>, husks: &mut Vec<Item>, at: Origin) -> Value {
     if keep_py {
         husks.push(Item::new(v, at));
-        Value::Py(Arc::new(obj.unbind()))
+        py_value(obj)
     } else if matches!(v, Value::Py(_)) {
         from_py(&obj)
     } else {
         v
+    }
+}
+
+/// A Python result handed on as a Python object, except that a
+/// `(str, value)` pair stays visibly keyed, so keyed steps downstream (Rust
+/// or Python) see a keyed stream, as in Bytewax.
+fn py_value(obj: Bound<'_, PyAny>) -> Value {
+    if let Ok(t) = obj.cast_exact::<PyTuple>() {
+        if t.len() == 2 {
+            if let (Ok(k), Ok(v)) = (t.get_item(0), t.get_item(1)) {
+                if let Ok(k) = k.cast::<PyString>() {
+                    if let Ok(k) = rust_str(k) {
+                        return Value::keyed(k, Value::Py(Arc::new(v.unbind())));
+                    }
+                }
+            }
+        }
+    }
+    Value::Py(Arc::new(obj.unbind()))
+}
+
+/// Split a keyed item on the Python thread: Rust `(key, value)` tuples, and
+/// Python 2-tuples (namedtuples too) whose first item is a `str`.
+fn split_keyed(py: Python<'_>, v: Value) -> Result<(Arc<str>, Value), Value> {
+    match v.into_keyed() {
+        Ok(kv) => Ok(kv),
+        Err(Value::Py(o)) => {
+            let t = o.bind(py);
+            if let Ok(t) = t.cast::<PyTuple>() {
+                if t.len() == 2 {
+                    if let (Ok(k), Ok(v)) = (t.get_item(0), t.get_item(1)) {
+                        if let Ok(k) = k.cast::<PyString>() {
+                            if let Ok(k) = rust_str(k) {
+                                return Ok((k, Value::Py(Arc::new(v.unbind()))));
+                            }
+                        }
+                    }
+                }
+            }
+            Err(Value::Py(o))
+        }
+        Err(other) => Err(other),
     }
 }
 

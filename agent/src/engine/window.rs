@@ -538,10 +538,10 @@ fn open_for(spec: &WindowerSpec, windows: &mut Windows, ts: Micros) -> std::ops:
             let ids = intersects(*length, *offset, *align, ts);
             for id in ids.clone() {
                 open.entry(id).or_insert_with(|| {
-                    let open_time = align + offset * id;
+                    let open_time = align.saturating_add(offset.saturating_mul(id));
                     WindowMeta {
                         open: open_time,
-                        close: open_time + length,
+                        close: open_time.saturating_add(*length),
                         merged_ids: Vec::new(),
                     }
                 });
@@ -625,7 +625,12 @@ fn close_for(spec: &WindowerSpec, windows: &mut Windows, wm: Micros) -> Vec<(i64
                 .collect()
         }
         (WindowerSpec::Session { gap }, Windows::Session { sessions, .. }) => {
-            let close_after = wm.saturating_sub(*gap);
+            // End of input (wm = MAX) closes every session, whatever the gap.
+            let close_after = if wm == i64::MAX {
+                i64::MAX
+            } else {
+                wm.saturating_sub(*gap)
+            };
             let ids: Vec<i64> = sessions
                 .iter()
                 .filter(|(_, m)| m.close < close_after)

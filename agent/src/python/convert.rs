@@ -119,8 +119,19 @@ fn datetime(py: Python<'_>, us: Micros) -> PyResult<Bound<'_, PyAny>> {
     Ok(dt.into_pyobject(py)?.into_any())
 }
 
+/// Containers nested deeper than this stay Python objects (and a list that
+/// contains itself stops here instead of overflowing the stack).
+const MAX_DEPTH: usize = 256;
+
 /// Convert a Python object back into a `Value`.
 pub(crate) fn from_py(o: &Bound<'_, PyAny>) -> Value {
+    from_py_at(o, 0)
+}
+
+fn from_py_at(o: &Bound<'_, PyAny>, depth: usize) -> Value {
+    if depth > MAX_DEPTH {
+        return Value::Py(Arc::new(o.clone().unbind()));
+    }
     if o.is_none() {
         return Value::Null;
     }
@@ -140,9 +151,9 @@ pub(crate) fn from_py(o: &Bound<'_, PyAny>) -> Value {
             return Value::Str(s);
         }
     } else if let Ok(t) = o.cast_exact::<PyTuple>() {
-        return Value::Tuple(t.iter().map(|x| from_py(&x)).collect());
+        return Value::Tuple(t.iter().map(|x| from_py_at(&x, depth + 1)).collect());
     } else if let Ok(l) = o.cast_exact::<PyList>() {
-        return Value::List(l.iter().map(|x| from_py(&x)).collect());
+        return Value::List(l.iter().map(|x| from_py_at(&x, depth + 1)).collect());
     } else if let Ok(d) = o.cast_exact::<PyDict>() {
         let mut fields = Vec::with_capacity(d.len());
         for (k, x) in d.iter() {
@@ -151,7 +162,7 @@ pub(crate) fn from_py(o: &Bound<'_, PyAny>) -> Value {
                 .ok()
                 .and_then(|s| s.to_str().ok().map(Arc::<str>::from))
             {
-                Some(name) => fields.push((name, from_py(&x))),
+                Some(name) => fields.push((name, from_py_at(&x, depth + 1))),
                 None => return Value::Py(Arc::new(o.clone().unbind())),
             }
         }
@@ -239,6 +250,13 @@ pub(crate) fn resolve_for_json(py: Python<'_>, v: Value) -> Value {
 }
 
 fn json_form(o: &Bound<'_, PyAny>) -> Value {
+    json_form_at(o, 0)
+}
+
+fn json_form_at(o: &Bound<'_, PyAny>, depth: usize) -> Value {
+    if depth > MAX_DEPTH {
+        return Value::str(&repr(o));
+    }
     let py = o.py();
     if let Ok(cls) = META_CLASS.import(py, "runnel.win", "WindowMetadata") {
         if o.is_instance(cls.as_any()).unwrap_or(false) {
@@ -295,14 +313,14 @@ fn json_form(o: &Bound<'_, PyAny>) -> Value {
                         .cast::<PyString>()
                         .map(|s| s.to_string())
                         .unwrap_or_else(|_| k.to_string());
-                    (Arc::from(name.as_str()), json_form(&x))
+                    (Arc::from(name.as_str()), json_form_at(&x, depth + 1))
                 })
                 .collect(),
         );
     }
     if o.is_instance_of::<PyList>() || o.is_instance_of::<PyTuple>() {
         if let Ok(it) = o.try_iter() {
-            return Value::List(it.filter_map(|x| x.ok()).map(|x| json_form(&x)).collect());
+            return Value::List(it.filter_map(|x| x.ok()).map(|x| json_form_at(&x, depth + 1)).collect());
         }
     }
     if o.is_instance_of::<PySet>() || o.is_instance_of::<PyFrozenSet>() {
@@ -310,7 +328,7 @@ fn json_form(o: &Bound<'_, PyAny>) -> Value {
             let mut items: Vec<(String, Value)> = it
                 .filter_map(|x| x.ok())
                 .map(|x| {
-                    let v = json_form(&x);
+                    let v = json_form_at(&x, depth + 1);
                     let mut key = String::new();
                     crate::json::write(&v, &mut key);
                     (key, v)

@@ -70,10 +70,11 @@ fn read_jsonl(mut reader: BufReader<File>, file: &str, cx: &SourceCtx) {
             return;
         }
         buf.clear();
-        match reader.read_until(b'\n', &mut buf) {
-            Ok(0) => break,
-            Ok(_) => {}
+        let too_long = match read_record(&mut reader, &mut buf) {
+            Ok(None) => break,
+            Ok(Some(too_long)) => too_long,
             Err(e) => {
+                cx.counters.add(&format!("{}.source_errors", cx.step_id), 1);
                 tracing::error!(
                     "flow {} input {:?}: reading {file} failed after line {line}: {e}",
                     cx.flow_id,
@@ -81,25 +82,68 @@ fn read_jsonl(mut reader: BufReader<File>, file: &str, cx: &SourceCtx) {
                 );
                 break;
             }
-        }
+        };
         line += 1;
+        if too_long {
+            bad(cx, file, line, format!("longer than {} bytes", MAX_RECORD));
+            continue;
+        }
         let text = buf.trim_ascii();
         if text.is_empty() {
             continue;
         }
-        if let Err(e) = std::str::from_utf8(text) {
-            bad(cx, file, line, format!("not UTF-8 ({e})"));
-            continue;
-        }
         match decoder.decode(text) {
             Ok(v) => batch.push(Item::new(v, Origin { src: cx.origin, line })),
-            Err(e) => bad(cx, file, line, format!("not JSON ({e})")),
+            Err(e) => match std::str::from_utf8(text) {
+                Err(u) => bad(cx, file, line, format!("not UTF-8 ({u})")),
+                Ok(_) => bad(cx, file, line, format!("not JSON ({e})")),
+            },
         }
         if batch.len() >= BATCH && !send(cx, &mut batch) {
             return;
         }
     }
     send(cx, &mut batch);
+}
+
+/// The longest record a source accepts; longer ones are skipped (a stuck
+/// serial line or a corrupt file must not exhaust a small device's memory).
+pub(crate) const MAX_RECORD: usize = 1 << 20;
+
+/// Read one line into `buf` (without keeping more than `MAX_RECORD` bytes).
+/// `None` at end of input; `Some(true)` if the line was too long (its bytes
+/// are consumed and dropped).
+fn read_record(reader: &mut BufReader<File>, buf: &mut Vec<u8>) -> std::io::Result<Option<bool>> {
+    let mut too_long = false;
+    let mut read_any = false;
+    loop {
+        let available = match reader.fill_buf() {
+            Ok(a) => a,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if available.is_empty() {
+            return Ok(read_any.then_some(too_long));
+        }
+        read_any = true;
+        let (chunk, done) = match memchr::memchr(b'\n', available) {
+            Some(i) => (&available[..=i], true),
+            None => (available, false),
+        };
+        let n = chunk.len();
+        if !too_long {
+            if buf.len() + n > MAX_RECORD {
+                too_long = true;
+                buf.clear();
+            } else {
+                buf.extend_from_slice(chunk);
+            }
+        }
+        reader.consume(n);
+        if done {
+            return Ok(Some(too_long));
+        }
+    }
 }
 
 /// A CSV cell as the flow sees it: int, float, None for empty, else str.
@@ -158,7 +202,14 @@ fn read_csv(reader: impl BufRead, file: &str, cx: &SourceCtx) {
             );
             continue;
         }
-        let fields = names.iter().cloned().zip(cells.iter().map(|c| cell(c))).collect();
+        // A repeated header name keeps its last cell, as Python's csv.DictReader does.
+        let mut fields: Vec<(Arc<str>, Value)> = Vec::with_capacity(names.len());
+        for (name, c) in names.iter().zip(&cells) {
+            match fields.iter_mut().find(|(n, _)| n == name) {
+                Some(slot) => slot.1 = cell(c),
+                None => fields.push((name.clone(), cell(c))),
+            }
+        }
         batch.push(Item::new(Value::Map(fields), Origin { src: cx.origin, line }));
         if batch.len() >= BATCH && !send(cx, &mut batch) {
             return;

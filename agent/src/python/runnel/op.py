@@ -264,8 +264,9 @@ def stateful_map(step_id: str, up: Stream, mapper) -> Stream:
 
 def collect(step_id: str, up: Stream, timeout, max_size: int) -> Stream:
     """Gather the values of each key into lists of up to `max_size` items,
-    emitting early once `timeout` (a `timedelta` of system time since the
-    list's first item) has passed. End of input emits what is left.
+    emitting early once `timeout` (a `timedelta` of system time) passes
+    without a new value for that key, as in Bytewax. End of input emits
+    what is left.
 
     In `runnel replay` only `max_size` and end of input emit lists, so
     replays are deterministic.
