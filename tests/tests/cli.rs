@@ -943,3 +943,39 @@ fn replay_of_a_flow_whose_own_input_file_is_missing_fails_naming_the_file() {
     assert_stderr_has(&done, "nowhere.jsonl");
     assert_stderr_has(&done, "could not be read");
 }
+
+#[test]
+fn run_skips_a_second_flow_file_whose_flow_id_is_taken_naming_both_files() {
+    let dir = TempDir::new().unwrap();
+    let flows = dir.path().join("flows");
+    for name in ["a.py", "b.py"] {
+        write(
+            &flows,
+            name,
+            "from runnel import Dataflow, op, sources, sinks\n\
+             flow = Dataflow(\"same\")\n\
+             op.output(\"out\", op.input(\"in\", flow, sources.file(\"d.jsonl\")), sinks.file(\"out.jsonl\"))\n",
+        );
+    }
+    write(&flows, "d.jsonl", "{\"x\": 1}\n");
+    let config = write_agent_config(dir.path(), &flows);
+    let mut agent = Agent::start(dir.path(), &config);
+    agent.wait_for_log(Duration::from_secs(10), "already runs a flow with that id");
+    let log = plain(&agent.stderr());
+    assert!(
+        log.contains("b.py") && log.contains("a.py"),
+        "both files are named:\n{log}"
+    );
+    // The first flow runs: its one item reaches the sink, once.
+    let out = flows.join("out.jsonl");
+    let items = agent.wait_for(Duration::from_secs(10), "the first flow's item", || {
+        let items = jsonl_items(&out);
+        if items.is_empty() {
+            Err("no output yet".to_string())
+        } else {
+            Ok(items)
+        }
+    });
+    assert_eq!(items, vec![json!({"x": 1})]);
+    assert_eq!(agent.terminate(Duration::from_secs(5)).code(), Some(0));
+}
