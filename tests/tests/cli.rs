@@ -979,3 +979,54 @@ fn run_skips_a_second_flow_file_whose_flow_id_is_taken_naming_both_files() {
     assert_eq!(items, vec![json!({"x": 1})]);
     assert_eq!(agent.terminate(Duration::from_secs(5)).code(), Some(0));
 }
+
+/// 5,000 readings of 5 sensors, one per second each.
+fn many_readings() -> String {
+    (0..5000)
+        .map(|i| reading_json(&format!("s{}", i % 5), i / 5, 20.0 + (i % 7) as f64))
+        .collect()
+}
+
+#[test]
+fn a_flow_of_field_keys_a_field_clock_and_aggregate_never_calls_python() {
+    let dir = TempDir::new().unwrap();
+    write(dir.path(), "readings.jsonl", &many_readings());
+    write(
+        dir.path(),
+        "native.py",
+        &window_flow("native", "readings.jsonl", "sinks.stdout()"),
+    );
+    let done = run(dir.path(), &["replay", "native.py"]);
+    assert_exit_ok(&done);
+    let counters = summary_counters(&stderr_of(&done), "native");
+    assert_eq!(counters.get("in.items"), Some(&5000), "{}", show(&done));
+    assert_eq!(
+        counters.get("python.jobs"),
+        None,
+        "the native path ran Python jobs:\n{}",
+        show(&done)
+    );
+}
+
+#[test]
+fn python_steps_get_items_in_batches_not_one_call_per_item() {
+    let dir = TempDir::new().unwrap();
+    write(dir.path(), "readings.jsonl", &many_readings());
+    write(
+        dir.path(),
+        "py.py",
+        "from runnel import Dataflow, op, sources, sinks\n\
+         flow = Dataflow(\"py\")\n\
+         temps = op.map(\"temp\", op.input(\"in\", flow, sources.file(\"readings.jsonl\")), lambda r: r[\"temp\"])\n\
+         op.output(\"out\", op.filter(\"warm\", temps, lambda t: t > 21), sinks.stdout())\n",
+    );
+    let done = run(dir.path(), &["replay", "py.py"]);
+    assert_exit_ok(&done);
+    let counters = summary_counters(&stderr_of(&done), "py");
+    assert_eq!(counters.get("in.items"), Some(&5000), "{}", show(&done));
+    let jobs = counters.get("python.jobs").copied().unwrap_or(0);
+    // Two Python steps over 5,000 items: a handful of batches each, not 10,000 calls.
+    assert!((2..=40).contains(&jobs), "python.jobs={jobs}:\n{}", show(&done));
+    let warm = (0..5000).filter(|i| 20 + i % 7 > 21).count();
+    assert_eq!(items_of(&done, "out").len(), warm, "{}", show(&done));
+}

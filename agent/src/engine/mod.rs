@@ -70,6 +70,18 @@ pub(crate) struct Cx {
 }
 
 impl Cx {
+    /// Run a job on the Python thread, counting it (`python.jobs` in the
+    /// summary): a flow calls Python once per batch and Python step, never
+    /// once per item, and none at all on the native path.
+    pub(crate) fn python<R, F>(&self, f: F) -> anyhow::Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(pyo3::Python<'_>) -> R + Send + 'static,
+    {
+        self.counters.add("python.jobs", 1);
+        self.py.run(f)
+    }
+
     /// A step is done with these items.
     pub(crate) fn bury(&self, items: impl IntoIterator<Item = Item>) {
         self.graveyard.borrow_mut().extend(items);

@@ -121,9 +121,7 @@ impl Operator for PyOp {
         let states = self.states.take();
         let n_ports = out.ports.len();
         let keep_py = self.keep_py;
-        let job = cx
-            .py
-            .run(move |py| run_batch(py, kind, &f, &file, &full_id, batch, states, n_ports, keep_py));
+        let job = cx.python(move |py| run_batch(py, kind, &f, &file, &full_id, batch, states, n_ports, keep_py));
         match job {
             Ok((ports, errors, states, husks)) => {
                 self.states = states;

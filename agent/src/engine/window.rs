@@ -165,7 +165,7 @@ impl WindowOp {
                 let f = f.clone();
                 let file = cx.file.clone();
                 let n = values.len();
-                let res = cx.py.run(move |py| {
+                let res = cx.python(move |py| {
                     let f = f.bind(py);
                     let stamps = values
                         .iter()
@@ -354,7 +354,7 @@ impl WindowOp {
         let (builder, folder, merger) = (builder.clone(), folder.clone(), merger.clone());
         let file = cx.file.clone();
         let mut states = self.py_states.take().unwrap_or_default();
-        let res = cx.py.run(move |py| {
+        let res = cx.python(move |py| {
             let mut emitted: Vec<(Arc<str>, i64, Value)> = Vec::new();
             let mut errors: Vec<(Origin, PyFailure, &'static str)> = Vec::new();
             let mut husks: Vec<Item> = Vec::new();
