@@ -43,6 +43,12 @@ pub(crate) fn run(config: Config) -> anyhow::Result<ExitCode> {
         Ok(rd) => rd
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|e| e == "py"))
+            // `_helpers.py`: a module flows import, not a flow.
+            .filter(|p| {
+                !p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with('_'))
+            })
             .collect(),
         Err(e) => {
             tracing::error!(

@@ -66,6 +66,21 @@ enum Command {
 const DEMO_FLOW: &str = include_str!("../../flows/demo.py");
 const DEMO_CAPTURE: &str = include_str!("../../flows/captures/greenhouse.jsonl");
 
+/// A log level or tracing filter, or why not. A bare word that is not a
+/// level (`warning`, `loud`) would otherwise filter out every line.
+fn check_level(level: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+    let l = level.trim().to_ascii_lowercase();
+    let is_filter = l.contains('=') || l.contains(',');
+    if LEVELS.contains(&l.as_str()) || (is_filter && tracing_subscriber::EnvFilter::try_new(&l).is_ok()) {
+        Ok(())
+    } else {
+        Err(format!(
+            "unknown log level {level:?}: use error, warn, info, debug or trace (or a filter like \"info,runnel=debug\")"
+        ))
+    }
+}
+
 fn init_logging(level: &str) {
     let filter =
         tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -99,6 +114,11 @@ pub(crate) fn main() -> ExitCode {
         .or(env_level)
         .or_else(|| config.as_ref().map(|c| c.log_level.clone()))
         .unwrap_or_else(|| "info".into());
+    if let Err(e) = check_level(&level) {
+        init_logging("info");
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     init_logging(&level);
     let result = match cli.command {
         Command::Check { flow } => check(&flow),
@@ -248,7 +268,10 @@ fn replay(path: &Path, inputs: &[String], keep_sinks: bool) -> anyhow::Result<Ex
 
 /// One summary line per flow on stderr: what came in, went out, was skipped.
 pub(crate) fn summarize(report: &FlowReport) {
-    let parts: Vec<String> = report.counters.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let mut parts: Vec<String> = report.counters.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    if parts.is_empty() {
+        parts.push("no items".into());
+    }
     tracing::info!(
         "flow {} {}: {}",
         report.flow_id,

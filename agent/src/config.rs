@@ -46,6 +46,9 @@ impl Config {
                 *dir = base.join(&*dir);
             }
         }
+        if config.device_id.as_deref().is_some_and(|d| d.trim().is_empty()) {
+            config.device_id = None;
+        }
         if config.device_id.is_none() {
             config.device_id = std::fs::read_to_string("/etc/hostname")
                 .ok()

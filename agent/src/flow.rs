@@ -57,6 +57,8 @@ pub(crate) struct StepPlan {
     pub ups: Vec<usize>,
     /// Stream numbers this step writes, by output port.
     pub downs: Vec<usize>,
+    /// Where the step was defined (file:line), for errors without a better place.
+    pub location: String,
 }
 
 /// Python-function operators that work item by item.
@@ -373,18 +375,36 @@ fn load_on_python_thread(py: Python<'_>, path: &Path, source: &str) -> Result<Fl
             "{file}: defines no flow; create one at module level, e.g.\n    flow = Dataflow(\"my_flow\")"
         )));
     }
+    if flows.len() > 1 {
+        // One flow per file keeps `--input STEP=FILE`, replay output and
+        // the Bytewax adapter unambiguous.
+        let described: Vec<String> = flows
+            .iter()
+            .map(|f| {
+                let id: String = attr(f, "flow_id").unwrap_or_default();
+                let at: String = attr(f, "_where").unwrap_or_default();
+                (id, at)
+            })
+            .map(|(id, at)| format!("{id:?} ({at})"))
+            .collect();
+        let ids: Vec<String> = flows
+            .iter()
+            .map(|f| attr::<String>(f, "flow_id").unwrap_or_default())
+            .collect();
+        let same = ids.iter().any(|id| ids.iter().filter(|x| *x == id).count() > 1);
+        return Err(LoadError::Invalid(format!(
+            "{file}: defines {} flows: {}{}; a flow file defines exactly one Dataflow, so put each in its own file",
+            flows.len(),
+            described.join(", "),
+            if same { " (with the same id, too)" } else { "" }
+        )));
+    }
     let mut plans: Vec<FlowPlan> = Vec::new();
     for flow in flows {
         let plan = read_flow(&flow, &file, dir).map_err(|e| match e {
             ReadErr::Py(err) => fail(err),
             ReadErr::Msg(m) => LoadError::Invalid(m),
         })?;
-        if let Some(other) = plans.iter().find(|p| p.flow_id == plan.flow_id) {
-            return Err(LoadError::Invalid(format!(
-                "two flows have the id {:?}: {} and {}; give each Dataflow its own id",
-                plan.flow_id, other.location, plan.location
-            )));
-        }
         plans.push(plan);
     }
     Ok(FlowFile { flows: plans })
@@ -460,6 +480,7 @@ fn read_flow(flow: &Bound<'_, PyAny>, file: &str, dir: &Path) -> Result<FlowPlan
             kind: step_kind,
             ups,
             downs,
+            location: where_,
         });
     }
     if !steps.iter().any(|s| matches!(s.kind, StepKind::Input(_))) {
@@ -611,12 +632,9 @@ pub(crate) fn describe(plan: &FlowPlan) -> String {
         }
     };
     let kinds: HashMap<&str, &StepKind> = plan.steps.iter().map(|s| (s.step_id.as_str(), &s.kind)).collect();
-    let mut out = format!(
-        "flow {:?} ({}) — {} steps\n",
-        plan.flow_id,
-        plan.location,
-        plan.steps.len()
-    );
+    let n = plan.steps.len();
+    let plural = if n == 1 { "" } else { "s" };
+    let mut out = format!("flow {:?} ({}) — {n} step{plural}\n", plan.flow_id, plan.location);
     for s in &plan.steps {
         let ups: Vec<String> = s
             .ups

@@ -1030,3 +1030,95 @@ fn python_steps_get_items_in_batches_not_one_call_per_item() {
     let warm = (0..5000).filter(|i| 20 + i % 7 > 21).count();
     assert_eq!(items_of(&done, "out").len(), warm, "{}", show(&done));
 }
+
+#[test]
+fn an_unknown_log_level_is_an_error_not_silence() {
+    let dir = TempDir::new().unwrap();
+    write(dir.path(), "readings.jsonl", &many_readings());
+    write(
+        dir.path(),
+        "f.py",
+        &window_flow("f", "readings.jsonl", "sinks.stdout()"),
+    );
+    let done = run(dir.path(), &["--log-level", "warning", "replay", "f.py"]);
+    assert_eq!(done.status.code(), Some(2), "{}", show(&done));
+    assert_stderr_has(&done, "unknown log level \"warning\"");
+}
+
+#[test]
+fn a_flow_file_defines_exactly_one_flow() {
+    let dir = TempDir::new().unwrap();
+    write(
+        dir.path(),
+        "two.py",
+        "from runnel import Dataflow, op, sources, sinks\n\
+         a = Dataflow(\"a\")\n\
+         op.output(\"out\", op.input(\"in\", a, sources.file(\"a.jsonl\")), sinks.stdout())\n\
+         b = Dataflow(\"b\")\n\
+         op.output(\"out\", op.input(\"in\", b, sources.file(\"b.jsonl\")), sinks.stdout())\n",
+    );
+    let done = run(dir.path(), &["check", "two.py"]);
+    assert_exit_failed(&done);
+    assert_stderr_has(&done, "defines 2 flows");
+    assert_stderr_has(&done, "two.py:2");
+    assert_stderr_has(&done, "two.py:4");
+}
+
+#[test]
+fn a_call_that_fails_before_entering_the_function_points_at_the_step_definition() {
+    let dir = TempDir::new().unwrap();
+    write(dir.path(), "x.jsonl", "{\"a\": 1}\n");
+    write(
+        dir.path(),
+        "peek.py",
+        "from runnel import Dataflow, op, sources, sinks\n\
+         flow = Dataflow(\"peek\")\n\
+         s = op.input(\"in\", flow, sources.file(\"x.jsonl\"))\n\
+         s = op.inspect(\"peek\", s, lambda item: None)\n\
+         op.output(\"out\", s, sinks.stdout())\n",
+    );
+    let done = run(dir.path(), &["replay", "peek.py"]);
+    assert_exit_ok(&done);
+    assert_stderr_has(&done, "TypeError");
+    assert_stderr_has(&done, "peek.py:4 (where the step is defined)");
+    assert_eq!(
+        items_of(&done, "out"),
+        vec![json!({"a": 1})],
+        "inspect passes the item on"
+    );
+}
+
+#[test]
+fn run_treats_underscore_files_in_the_flows_folder_as_helper_modules() {
+    let dir = TempDir::new().unwrap();
+    let flows = dir.path().join("flows");
+    write(&flows, "_units.py", "def c_to_f(c):\n    return c * 9 / 5 + 32\n");
+    write(
+        &flows,
+        "f.py",
+        "from runnel import Dataflow, op, sources, sinks\n\
+         from _units import c_to_f\n\
+         flow = Dataflow(\"f\")\n\
+         temps = op.map(\"f\", op.input(\"in\", flow, sources.file(\"d.jsonl\")), lambda r: c_to_f(r[\"c\"]))\n\
+         op.output(\"out\", temps, sinks.file(\"out.jsonl\"))\n",
+    );
+    write(&flows, "d.jsonl", "{\"c\": 100}\n");
+    let config = write_agent_config(dir.path(), &flows);
+    let mut agent = Agent::start(dir.path(), &config);
+    let out = flows.join("out.jsonl");
+    let items = agent.wait_for(Duration::from_secs(10), "the flow's output", || {
+        let items = jsonl_items(&out);
+        if items.is_empty() {
+            Err("no output yet".to_string())
+        } else {
+            Ok(items)
+        }
+    });
+    assert_eq!(items, vec![json!(212.0)]);
+    assert_eq!(agent.terminate(Duration::from_secs(5)).code(), Some(0));
+    let log = plain(&agent.stderr());
+    assert!(
+        !log.contains("_units.py"),
+        "the helper module is not loaded as a flow:\n{log}"
+    );
+}

@@ -222,6 +222,7 @@ fn engine_main(plan: FlowPlan, opts: FlowOptions, py: PyRunner, rt: tokio::runti
                 f: f.clone(),
                 states: (*kind == PyOpKind::StatefulMap).then(HashMap::new),
                 keep_py: s.downs.iter().all(|d| only_python_reads(&plan.steps, *d, 0)),
+                location: Arc::from(s.location.as_str()),
             }),
             StepKind::KeyOnField(field) => Box::new(KeyOnFieldOp {
                 step_id: s.step_id.clone(),
@@ -253,7 +254,7 @@ fn engine_main(plan: FlowPlan, opts: FlowOptions, py: PyRunner, rt: tokio::runti
             }
         }
         if let StepKind::Window(w) = s.kind {
-            nodes[i].op = Box::new(WindowOp::new(s.step_id, w));
+            nodes[i].op = Box::new(WindowOp::new(s.step_id, w, Arc::from(s.location.as_str())));
         }
     }
 

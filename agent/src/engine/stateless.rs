@@ -99,6 +99,8 @@ pub(crate) struct PyOp {
     pub states: Option<HashMap<Arc<str>, Py<PyAny>>>,
     /// Hand results on as Python objects (every consumer is Python).
     pub keep_py: bool,
+    /// Where the step is defined (file:line).
+    pub location: Arc<str>,
 }
 
 /// What a Python batch job returns to the engine thread: output batches
@@ -121,7 +123,20 @@ impl Operator for PyOp {
         let states = self.states.take();
         let n_ports = out.ports.len();
         let keep_py = self.keep_py;
-        let job = cx.python(move |py| run_batch(py, kind, &f, &file, &full_id, batch, states, n_ports, keep_py));
+        let location = self.location.clone();
+        let job = cx.python(move |py| {
+            run_batch(
+                py,
+                kind,
+                &f,
+                (&file, &location),
+                &full_id,
+                batch,
+                states,
+                n_ports,
+                keep_py,
+            )
+        });
         match job {
             Ok((ports, errors, states, husks)) => {
                 self.states = states;
@@ -163,7 +178,7 @@ fn run_batch(
     py: Python<'_>,
     kind: PyOpKind,
     f: &PyFn,
-    file: &str,
+    (file, location): (&str, &str),
     full_id: &str,
     batch: Vec<Item>,
     mut states: Option<HashMap<Arc<str>, Py<PyAny>>>,
@@ -178,7 +193,7 @@ fn run_batch(
     // Inputs this step is done with go back to the engine, which returns
     // them to the thread that allocated them.
     let mut husks: Vec<Item> = Vec::new();
-    let fail = |e: PyErr| ItemError::Py(PyFailure::capture(py, &e, file));
+    let fail = |e: PyErr| ItemError::Py(PyFailure::capture(py, &e, file).or_at(file, location));
     let name = py_op_name(kind);
 
     if kind == PyOpKind::FlatMapBatch {

@@ -100,15 +100,18 @@ type Keyed = Vec<(Arc<str>, Value, Origin)>;
 
 pub(crate) struct WindowOp {
     step_id: String,
+    /// Where the step is defined (file:line).
+    location: Arc<str>,
     plan: WindowPlan,
     keys: HashMap<Arc<str>, KeyState>,
     py_states: Option<PyStates>,
 }
 
 impl WindowOp {
-    pub(crate) fn new(step_id: String, plan: WindowPlan) -> WindowOp {
+    pub(crate) fn new(step_id: String, plan: WindowPlan, location: Arc<str>) -> WindowOp {
         WindowOp {
             step_id,
+            location,
             plan,
             keys: HashMap::default(),
             py_states: Some(HashMap::default()),
@@ -164,13 +167,15 @@ impl WindowOp {
             } => {
                 let f = f.clone();
                 let file = cx.file.clone();
+                let location = self.location.clone();
                 let n = values.len();
                 let res = cx.python(move |py| {
                     let f = f.bind(py);
                     let stamps = values
                         .iter()
                         .map(|(_, v, _)| {
-                            let fail = |e: PyErr| ItemError::Py(PyFailure::capture(py, &e, &file));
+                            let fail =
+                                |e: PyErr| ItemError::Py(PyFailure::capture(py, &e, &file).or_at(&file, &location));
                             let r = f.call1((to_py(py, v).map_err(fail)?,)).map_err(fail)?;
                             micros(&r).map_err(|m| ItemError::Shape(format!("timestamp getter: {m}")))
                         })
@@ -353,12 +358,13 @@ impl WindowOp {
         };
         let (builder, folder, merger) = (builder.clone(), folder.clone(), merger.clone());
         let file = cx.file.clone();
+        let location = self.location.clone();
         let mut states = self.py_states.take().unwrap_or_default();
         let res = cx.python(move |py| {
             let mut emitted: Vec<(Arc<str>, i64, Value)> = Vec::new();
             let mut errors: Vec<(Origin, PyFailure, &'static str)> = Vec::new();
             let mut husks: Vec<Item> = Vec::new();
-            let fail = |e: PyErr| PyFailure::capture(py, &e, &file);
+            let fail = |e: PyErr| PyFailure::capture(py, &e, &file).or_at(&file, &location);
             for action in actions {
                 match action {
                     PyAction::Fold { key, id, value, at } => {

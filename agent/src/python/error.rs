@@ -22,6 +22,15 @@ impl std::fmt::Display for PyFailure {
 }
 
 impl PyFailure {
+    /// When no frame names a line (the call itself failed, e.g. a lambda
+    /// with the wrong number of parameters), point at the step's definition.
+    pub(crate) fn or_at(mut self, flow_file: &str, step_location: &str) -> PyFailure {
+        if self.location == flow_file {
+            self.location = format!("{step_location} (where the step is defined)");
+        }
+        self
+    }
+
     /// Capture `err`; `flow_file` picks which frame counts as the user's line.
     pub(crate) fn capture(py: Python<'_>, err: &PyErr, flow_file: &str) -> PyFailure {
         let value = err.value(py);
