@@ -36,9 +36,9 @@ own sinks (`sinks.stdout()`: one JSON line per item on stdout;
 `sinks.file(path)`: JSON lines appended to the file). `bytewax.run` accepts a
 factory call with literal arguments after the colon::
 
-    python -m bytewax.run "flows/bytewax_adapter:load('flows/greenhouse.py')"
+    python -m bytewax.run "flows/bytewax_adapter:load('flows/demo.py')"
     python -m bytewax.run -w 2 \\
-        "flows/bytewax_adapter:load('flows/greenhouse.py', {'in': 'today.jsonl'})"
+        "flows/bytewax_adapter:load('flows/demo.py', {'in': 'today.jsonl'})"
 
 (The flow path may not contain a `:`. Relative paths in `inputs` are relative
 to the current directory, those inside the flow file relative to the flow

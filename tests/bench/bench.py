@@ -373,7 +373,7 @@ def main():
                     help="runnel binary (default <repo>/target/release/runnel)")
     ap.add_argument("--bytewax-python", default=None,
                     help="python with bytewax==0.21.1 (default $RUNNEL_BYTEWAX_PYTHON, "
-                         "else <repo>/.venv-bench/bin/python)")
+                         "else <repo>/.venv-test or <repo>/.venv-bench)")
     ap.add_argument("--only", type=parse_only, default=list(CONTENDERS),
                     help="comma-separated contenders: runnel-aggregate, runnel-fold, bytewax, "
                          "python (aliases: aggregate, fold, runnel = both runnel ones, plain)")
