@@ -5,6 +5,8 @@
 
 use std::process::ExitCode;
 
+use std::time::Duration;
+
 use anyhow::Context;
 use tokio::sync::watch;
 
@@ -14,7 +16,7 @@ use crate::flow;
 use crate::python::PyRunner;
 
 /// How long flows get to stop after SIGTERM before the agent exits anyway.
-const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+const STOP_GRACE: Duration = Duration::from_secs(5);
 
 pub(crate) fn run(config: Config) -> anyhow::Result<ExitCode> {
     tracing::info!(
@@ -104,10 +106,6 @@ pub(crate) fn run(config: Config) -> anyhow::Result<ExitCode> {
         }
     });
     let _ = stop_tx.send(true);
-    // A Python function may be running (a sleep, a network call): ask it to
-    // stop with KeyboardInterrupt, and do not wait for it forever.
-    // SAFETY: PyErr_SetInterrupt only sets a flag; it may be called from any thread.
-    unsafe { pyo3::ffi::PyErr_SetInterrupt() };
     let n = handles.len();
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     for h in handles {
@@ -119,14 +117,28 @@ pub(crate) fn run(config: Config) -> anyhow::Result<ExitCode> {
         });
     }
     drop(done_tx);
-    let deadline = std::time::Instant::now() + STOP_GRACE;
+    let started = std::time::Instant::now();
+    let deadline = started + STOP_GRACE;
     let mut stopped = 0;
+    let mut interrupted = false;
     while stopped < n {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match done_rx.recv_timeout(left) {
+        let now = std::time::Instant::now();
+        // A flow still busy after a second is likely in a Python function
+        // (a loop, a sleep, a network call): interrupt it, once.
+        let wait = if interrupted {
+            deadline.saturating_duration_since(now)
+        } else {
+            Duration::from_secs(1)
+        };
+        match done_rx.recv_timeout(wait) {
             Ok(report) => {
                 crate::cli::summarize(&report);
                 stopped += 1;
+            }
+            Err(_) if !interrupted => {
+                tracing::info!("interrupting the running Python function (KeyboardInterrupt)");
+                py.interrupt();
+                interrupted = true;
             }
             Err(_) => break,
         }

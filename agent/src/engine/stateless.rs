@@ -211,11 +211,7 @@ fn run_batch(
                 ))
             })? {
                 let x = x.map_err(fail)?;
-                let v = if keep_py {
-                    Value::Py(Arc::new(x.unbind()))
-                } else {
-                    from_py(&x)
-                };
+                let v = if keep_py { py_value(x) } else { from_py(&x) };
                 ports[0].push(Item::new(v, Origin::default()));
             }
             Ok(())
@@ -371,7 +367,9 @@ fn pass_on(keep_py: bool, v: Value, obj: Bound<'_, PyAny>, husks: &mut Vec<Item>
     if keep_py {
         husks.push(Item::new(v, at));
         py_value(obj)
-    } else if matches!(v, Value::Py(_)) {
+    } else if v.has_py() {
+        // An upstream Python step handed over Python objects (perhaps inside
+        // a keyed pair): Rust readers need Rust values.
         from_py(&obj)
     } else {
         v

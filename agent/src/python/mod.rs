@@ -23,17 +23,23 @@ type Job = Box<dyn FnOnce(Python<'_>) + Send>;
 #[derive(Clone)]
 pub(crate) struct PyRunner {
     jobs: mpsc::Sender<Job>,
+    /// The Python thread's `threading.get_ident()`, to interrupt it.
+    ident: u64,
 }
 
 impl PyRunner {
     /// Start the interpreter on its own thread, with `runnel` importable.
     pub(crate) fn start() -> anyhow::Result<PyRunner> {
         let (tx, rx) = mpsc::channel::<Job>();
-        let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<u64, String>>();
         thread::Builder::new().name("runnel-python".into()).spawn(move || {
             module::register();
             Python::initialize();
-            let setup = Python::attach(module::after_start);
+            let setup = Python::attach(|py| {
+                use pyo3::types::PyAnyMethods;
+                module::after_start(py)?;
+                py.import("threading")?.getattr("get_ident")?.call0()?.extract::<u64>()
+            });
             let _ = ready_tx.send(setup.map_err(|e| e.to_string()));
             while let Ok(job) = rx.recv() {
                 let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| Python::attach(job)));
@@ -43,10 +49,27 @@ impl PyRunner {
             }
         })?;
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(PyRunner { jobs: tx }),
+            Ok(Ok(ident)) => Ok(PyRunner { jobs: tx, ident }),
             Ok(Err(e)) => anyhow::bail!("embedded Python failed to start: {e}"),
             Err(_) => anyhow::bail!("embedded Python failed to start (its thread ended)"),
         }
+    }
+
+    /// Raise `KeyboardInterrupt` in whatever Python code the Python thread
+    /// is running (at its next bytecode), so a busy or sleeping user
+    /// function gives way at shutdown. Attaching waits for the GIL, so this
+    /// runs on a short-lived thread of its own and never blocks the caller.
+    pub(crate) fn interrupt(&self) {
+        let ident = self.ident;
+        let _ = thread::Builder::new().name("runnel-interrupt".into()).spawn(move || {
+            Python::attach(|_py| {
+                // SAFETY: called attached to the interpreter, with a valid
+                // thread id and a borrowed exception type.
+                unsafe {
+                    pyo3::ffi::PyThreadState_SetAsyncExc(ident as _, pyo3::ffi::PyExc_KeyboardInterrupt);
+                }
+            })
+        });
     }
 
     /// Run `f` on the Python thread and wait for its result.

@@ -66,7 +66,7 @@ fn read_jsonl(mut reader: BufReader<File>, file: &str, cx: &SourceCtx) {
     loop {
         // About to wait for more bytes (a FIFO or a growing file): hand over
         // what has been read, so live readings are not held back.
-        if reader.buffer().is_empty() && !batch.is_empty() && !send(cx, &mut batch) {
+        if !batch.is_empty() && memchr::memchr(b'\n', reader.buffer()).is_none() && !send(cx, &mut batch) {
             return;
         }
         buf.clear();
@@ -114,6 +114,8 @@ pub(crate) const MAX_RECORD: usize = 1 << 20;
 /// `None` at end of input; `Some(true)` if the line was too long (its bytes
 /// are consumed and dropped).
 fn read_record(reader: &mut BufReader<File>, buf: &mut Vec<u8>) -> std::io::Result<Option<bool>> {
+    // Room for the record and its line ending ("\r\n").
+    const KEEP: usize = MAX_RECORD + 2;
     let mut too_long = false;
     let mut read_any = false;
     loop {
@@ -123,7 +125,7 @@ fn read_record(reader: &mut BufReader<File>, buf: &mut Vec<u8>) -> std::io::Resu
             Err(e) => return Err(e),
         };
         if available.is_empty() {
-            return Ok(read_any.then_some(too_long));
+            break;
         }
         read_any = true;
         let (chunk, done) = match memchr::memchr(b'\n', available) {
@@ -132,7 +134,7 @@ fn read_record(reader: &mut BufReader<File>, buf: &mut Vec<u8>) -> std::io::Resu
         };
         let n = chunk.len();
         if !too_long {
-            if buf.len() + n > MAX_RECORD {
+            if buf.len() + n > KEEP {
                 too_long = true;
                 buf.clear();
             } else {
@@ -141,8 +143,37 @@ fn read_record(reader: &mut BufReader<File>, buf: &mut Vec<u8>) -> std::io::Resu
         }
         reader.consume(n);
         if done {
-            return Ok(Some(too_long));
+            break;
         }
+    }
+    if !read_any {
+        return Ok(None);
+    }
+    // The limit is on the record, not its line ending.
+    let content = buf.strip_suffix(b"\n").unwrap_or(buf);
+    let content = content.strip_suffix(b"\r").unwrap_or(content);
+    Ok(Some(too_long || content.len() > MAX_RECORD))
+}
+
+/// Reads for the CSV parser, handing over the rows parsed so far whenever
+/// the next read may have to wait (a FIFO, a growing file).
+struct HandOver<'a> {
+    inner: BufReader<File>,
+    cx: &'a SourceCtx,
+    pending: std::rc::Rc<std::cell::RefCell<Vec<Item>>>,
+    closed: std::rc::Rc<std::cell::Cell<bool>>,
+}
+
+impl std::io::Read for HandOver<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if self.inner.buffer().is_empty() {
+            let mut pending = self.pending.borrow_mut();
+            if !pending.is_empty() && !send(self.cx, &mut pending) {
+                self.closed.set(true);
+                return Ok(0);
+            }
+        }
+        self.inner.read(out)
     }
 }
 
@@ -165,13 +196,20 @@ fn cell(s: &str) -> Value {
     Value::str(s)
 }
 
-fn read_csv(reader: impl BufRead, file: &str, cx: &SourceCtx) {
+fn read_csv(reader: BufReader<File>, file: &str, cx: &SourceCtx) {
+    let pending = std::rc::Rc::new(std::cell::RefCell::new(Vec::with_capacity(BATCH)));
+    let closed = std::rc::Rc::new(std::cell::Cell::new(false));
+    let hand_over = HandOver {
+        inner: reader,
+        cx,
+        pending: pending.clone(),
+        closed: closed.clone(),
+    };
     let mut rdr = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
-        .from_reader(reader);
+        .from_reader(hand_over);
     let mut header: Option<Vec<Arc<str>>> = None;
-    let mut batch = Vec::with_capacity(BATCH);
     let mut record = csv::ByteRecord::new();
     loop {
         let line = rdr.position().line();
@@ -210,12 +248,13 @@ fn read_csv(reader: impl BufRead, file: &str, cx: &SourceCtx) {
                 None => fields.push((name.clone(), cell(c))),
             }
         }
+        let mut batch = pending.borrow_mut();
         batch.push(Item::new(Value::Map(fields), Origin { src: cx.origin, line }));
-        if batch.len() >= BATCH && !send(cx, &mut batch) {
+        if closed.get() || (batch.len() >= BATCH && !send(cx, &mut batch)) {
             return;
         }
     }
-    send(cx, &mut batch);
+    send(cx, &mut pending.borrow_mut());
 }
 
 #[cfg(test)]
