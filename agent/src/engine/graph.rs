@@ -335,12 +335,11 @@ fn engine_main(plan: FlowPlan, opts: FlowOptions, py: PyRunner, rt: tokio::runti
         match next {
             Next::Msg(Some(SourceMsg::Batch(input, items))) => {
                 engine.push(input_nodes[input], 0, items);
-                // A busy input must not starve other keys' timers.
-                if opts.live {
-                    let now = Instant::now();
-                    if engine.deadline().is_some_and(|d| d <= now) {
-                        engine.tick(now);
-                    }
+                // A busy input must not starve other keys' timers: what was
+                // due before this batch fires now (`deadline` is None in replay).
+                let now = Instant::now();
+                if deadline.is_some_and(|d| d <= now) {
+                    engine.tick(now);
                 }
             }
             Next::Msg(Some(SourceMsg::Eof(input))) => {

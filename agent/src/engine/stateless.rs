@@ -380,18 +380,26 @@ fn pass_on(keep_py: bool, v: Value, obj: Bound<'_, PyAny>, husks: &mut Vec<Item>
 /// `(str, value)` pair stays visibly keyed, so keyed steps downstream (Rust
 /// or Python) see a keyed stream, as in Bytewax.
 fn py_value(obj: Bound<'_, PyAny>) -> Value {
-    if let Ok(t) = obj.cast_exact::<PyTuple>() {
-        if t.len() == 2 {
-            if let (Ok(k), Ok(v)) = (t.get_item(0), t.get_item(1)) {
-                if let Ok(k) = k.cast::<PyString>() {
-                    if let Ok(k) = rust_str(k) {
-                        return Value::keyed(k, Value::Py(Arc::new(v.unbind())));
-                    }
-                }
-            }
-        }
+    // Exact tuples only: a namedtuple rides on whole, keeping its class.
+    match py_pair(&obj, true) {
+        Some((k, v)) => Value::keyed(k, Value::Py(Arc::new(v.unbind()))),
+        None => Value::Py(Arc::new(obj.unbind())),
     }
-    Value::Py(Arc::new(obj.unbind()))
+}
+
+/// A Python 2-tuple whose first item is a `str`, split into key and value;
+/// `exact` leaves tuple subclasses (namedtuples) alone.
+fn py_pair<'py>(obj: &Bound<'py, PyAny>, exact: bool) -> Option<(Arc<str>, Bound<'py, PyAny>)> {
+    let t = if exact {
+        obj.cast_exact::<PyTuple>().ok()?
+    } else {
+        obj.cast::<PyTuple>().ok()?
+    };
+    if t.len() != 2 {
+        return None;
+    }
+    let k = rust_str(t.get_item(0).ok()?.cast::<PyString>().ok()?).ok()?;
+    Some((k, t.get_item(1).ok()?))
 }
 
 /// Split a keyed item on the Python thread: Rust `(key, value)` tuples, and
@@ -399,21 +407,10 @@ fn py_value(obj: Bound<'_, PyAny>) -> Value {
 fn split_keyed(py: Python<'_>, v: Value) -> Result<(Arc<str>, Value), Value> {
     match v.into_keyed() {
         Ok(kv) => Ok(kv),
-        Err(Value::Py(o)) => {
-            let t = o.bind(py);
-            if let Ok(t) = t.cast::<PyTuple>() {
-                if t.len() == 2 {
-                    if let (Ok(k), Ok(v)) = (t.get_item(0), t.get_item(1)) {
-                        if let Ok(k) = k.cast::<PyString>() {
-                            if let Ok(k) = rust_str(k) {
-                                return Ok((k, Value::Py(Arc::new(v.unbind()))));
-                            }
-                        }
-                    }
-                }
-            }
-            Err(Value::Py(o))
-        }
+        Err(Value::Py(o)) => match py_pair(o.bind(py), false) {
+            Some((k, v)) => Ok((k, Value::Py(Arc::new(v.unbind())))),
+            None => Err(Value::Py(o)),
+        },
         Err(other) => Err(other),
     }
 }

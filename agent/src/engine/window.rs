@@ -213,29 +213,20 @@ impl WindowOp {
             }
         }
     }
-
-    /// The watermark of `clock` at `now` (replay: from the data alone).
-    fn watermark(&self, cx: &Cx, clock: &Clock, now: Instant, wall_now: Micros) -> Micros {
-        watermark(&self.plan.clock, cx.live, clock, now, wall_now)
-    }
 }
 
+/// The watermark of `clock` at `now` (replay: from the data alone).
 fn watermark(spec: &ClockSpec, live: bool, clock: &Clock, now: Instant, wall_now: Micros) -> Micros {
-    {
-        match spec {
-            ClockSpec::System => wall_now,
-            ClockSpec::Event { .. } => {
-                if live && clock.base != i64::MIN {
-                    let idle = now
-                        .saturating_duration_since(clock.moved_at)
-                        .as_micros()
-                        .min(i64::MAX as u128) as i64;
-                    clock.base.saturating_add(idle)
-                } else {
-                    clock.base
-                }
-            }
+    match spec {
+        ClockSpec::System => wall_now,
+        ClockSpec::Event { .. } if live && clock.base != i64::MIN => {
+            let idle = now
+                .saturating_duration_since(clock.moved_at)
+                .as_micros()
+                .min(i64::MAX as u128) as i64;
+            clock.base.saturating_add(idle)
         }
+        ClockSpec::Event { .. } => clock.base,
     }
 }
 
@@ -741,7 +732,12 @@ impl Operator for WindowOp {
             .keys
             .iter()
             .filter(|(_, ks)| self.key_deadline(ks, now, wall_now).is_some_and(|d| d <= now))
-            .map(|(k, ks)| (k.clone(), self.watermark(cx, &ks.clock, now, wall_now)))
+            .map(|(k, ks)| {
+                (
+                    k.clone(),
+                    watermark(&self.plan.clock, cx.live, &ks.clock, now, wall_now),
+                )
+            })
             .collect();
         let mut actions = Vec::new();
         for (key, wm) in due {
