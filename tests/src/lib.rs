@@ -364,3 +364,68 @@ pub fn jsonl_items(path: &Path) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: line is not JSON ({e}): {l}", path.display())))
         .collect()
 }
+
+/// Everything about a finished process, for assertion messages: the command,
+/// its exit status, stdout, and stderr without colour codes.
+pub fn show(done: &Finished) -> String {
+    format!(
+        "{}\nexit: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        done.command,
+        done.status,
+        done.stdout_text(),
+        strip_ansi(&done.stderr_text())
+    )
+}
+
+/// Write `files` and the flow file `flow.py` into `dir`, then run
+/// `runnel replay flow.py` there (at most 60 s).
+pub fn replay_in(dir: &Path, flow: &str, files: &[(&str, &str)]) -> Finished {
+    for (name, text) in files {
+        write_file(dir, name, text);
+    }
+    let flow_path = write_file(dir, "flow.py", flow);
+    run_with_timeout(
+        runnel_command(dir).arg("replay").arg(&flow_path),
+        Duration::from_secs(60),
+    )
+}
+
+/// Every stdout line of a replay, parsed; panics on a line that is not a
+/// `{"step": ..., "item": ...}` object.
+pub fn replay_records(done: &Finished) -> Vec<(String, serde_json::Value)> {
+    done.stdout_text()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("stdout line is not JSON ({e}): {line:?}\n{}", show(done)));
+            let obj = v
+                .as_object()
+                .unwrap_or_else(|| panic!("stdout line is not a JSON object: {line:?}\n{}", show(done)));
+            assert!(
+                obj.len() == 2 && obj.contains_key("step") && obj.contains_key("item"),
+                "stdout line should have exactly the keys step and item: {line:?}\n{}",
+                show(done)
+            );
+            (
+                v["step"].as_str().expect("step is a string").to_string(),
+                v["item"].clone(),
+            )
+        })
+        .collect()
+}
+
+/// The items replay printed for output step `step`, in order.
+pub fn items_of(done: &Finished, step: &str) -> Vec<serde_json::Value> {
+    replay_records(done)
+        .into_iter()
+        .filter(|(s, _)| s == step)
+        .map(|(_, item)| item)
+        .collect()
+}
+
+/// `values` in a fixed order (by their JSON text), for order-free comparisons.
+pub fn sorted(mut values: Vec<serde_json::Value>) -> Vec<serde_json::Value> {
+    values.sort_by_key(|x| x.to_string());
+    values
+}

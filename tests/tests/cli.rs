@@ -14,7 +14,8 @@ use std::thread;
 use std::time::Duration;
 
 use runnel_tests::{
-    jsonl_items, run_with_timeout, runnel_command, strip_ansi, write_agent_config, write_file, Agent, Finished,
+    items_of, jsonl_items, replay_records, run_with_timeout, runnel_command, show, sorted, strip_ansi,
+    write_agent_config, write_file, Agent, Finished,
 };
 use serde_json::{json, Value};
 use tempfile::TempDir;
@@ -47,16 +48,6 @@ fn stderr_of(done: &Finished) -> String {
     plain(&done.stderr_text())
 }
 
-fn show(done: &Finished) -> String {
-    format!(
-        "{}\nexit: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        done.command,
-        done.status,
-        done.stdout_text(),
-        stderr_of(done)
-    )
-}
-
 fn assert_exit_ok(done: &Finished) {
     assert_eq!(done.status.code(), Some(0), "expected exit 0:\n{}", show(done));
 }
@@ -75,45 +66,6 @@ fn assert_stderr_has(done: &Finished, needle: &str) {
         "stderr should contain {needle:?}:\n{}",
         show(done)
     );
-}
-
-/// Every stdout line of a replay, parsed; panics on a line that is not a
-/// `{"step": ..., "item": ...}` object.
-fn replay_records(done: &Finished) -> Vec<(String, Value)> {
-    done.stdout_text()
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|line| {
-            let v: Value = serde_json::from_str(line)
-                .unwrap_or_else(|e| panic!("stdout line is not JSON ({e}): {line:?}\n{}", show(done)));
-            let obj = v
-                .as_object()
-                .unwrap_or_else(|| panic!("stdout line is not a JSON object: {line:?}\n{}", show(done)));
-            assert!(
-                obj.len() == 2 && obj.contains_key("step") && obj.contains_key("item"),
-                "stdout line should have exactly the keys step and item: {line:?}\n{}",
-                show(done)
-            );
-            (
-                v["step"].as_str().expect("step is a string").to_string(),
-                v["item"].clone(),
-            )
-        })
-        .collect()
-}
-
-/// The items replay printed for output step `step`, in order.
-fn items_of(done: &Finished, step: &str) -> Vec<Value> {
-    replay_records(done)
-        .into_iter()
-        .filter(|(s, _)| s == step)
-        .map(|(_, item)| item)
-        .collect()
-}
-
-fn sorted(mut v: Vec<Value>) -> Vec<Value> {
-    v.sort_by_key(|x| x.to_string());
-    v
 }
 
 /// The counters of the summary line `flow FLOW finished: a=1 b=2` (or

@@ -17,8 +17,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use runnel_tests::{
-    count_per_step, jsonl_items, python3, run_ok, run_with_timeout, runnel_bin, runnel_command, strip_ansi,
-    workspace_root, write_agent_config, write_file, Agent, Finished,
+    count_per_step, items_of, jsonl_items, python3, replay_in, run_ok, run_with_timeout, runnel_bin, show, sorted,
+    strip_ansi, workspace_root, write_agent_config, write_file, Agent, Finished,
 };
 use serde_json::{json, Value};
 use tempfile::TempDir;
@@ -32,43 +32,8 @@ const T0: i64 = 1_704_067_200;
 // Helpers
 // ---------------------------------------------------------------------------
 
-/// Write `flow.py` and the data files into `dir`, then `runnel replay flow.py`.
-fn replay_in(dir: &Path, flow: &str, files: &[(&str, &str)]) -> Finished {
-    for (name, text) in files {
-        write_file(dir, name, text);
-    }
-    let flow_path = write_file(dir, "flow.py", flow);
-    run_with_timeout(runnel_command(dir).arg("replay").arg(&flow_path), TIMEOUT)
-}
-
-fn show(done: &Finished) -> String {
-    format!(
-        "{}\nexit: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        done.command,
-        done.status,
-        done.stdout_text(),
-        strip_ansi(&done.stderr_text())
-    )
-}
-
 fn assert_exit_0(done: &Finished) {
     assert_eq!(done.status.code(), Some(0), "expected exit 0:\n{}", show(done));
-}
-
-/// The items replay printed for output step `step`, in order.
-fn items_of(done: &Finished, step: &str) -> Vec<Value> {
-    done.stdout_text()
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}\n{}", show(done))))
-        .filter(|v| v["step"] == step)
-        .map(|v| v["item"].clone())
-        .collect()
-}
-
-fn sorted(mut v: Vec<Value>) -> Vec<Value> {
-    v.sort_by_key(|x| x.to_string());
-    v
 }
 
 /// The counters of the summary line `flow FLOW finished: a=1 b=2`.

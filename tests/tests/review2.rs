@@ -12,48 +12,12 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use runnel_tests::{
-    jsonl_items, run_with_timeout, runnel_command, strip_ansi, write_agent_config, write_file, Agent, Finished,
-};
+use runnel_tests::{items_of, jsonl_items, replay_in, show, sorted, write_agent_config, write_file, Agent};
 use serde_json::{json, Value};
 use tempfile::TempDir;
 
-const TIMEOUT: Duration = Duration::from_secs(60);
 /// 2024-01-01T00:00:00Z as Unix seconds.
 const T0: i64 = 1_704_067_200;
-
-fn replay_in(dir: &Path, flow: &str, files: &[(&str, &str)]) -> Finished {
-    for (name, text) in files {
-        write_file(dir, name, text);
-    }
-    let flow_path = write_file(dir, "flow.py", flow);
-    run_with_timeout(runnel_command(dir).arg("replay").arg(&flow_path), TIMEOUT)
-}
-
-fn show(done: &Finished) -> String {
-    format!(
-        "{}\nexit: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        done.command,
-        done.status,
-        done.stdout_text(),
-        strip_ansi(&done.stderr_text())
-    )
-}
-
-fn items_of(done: &Finished, step: &str) -> Vec<Value> {
-    done.stdout_text()
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}\n{}", show(done))))
-        .filter(|v| v["step"] == step)
-        .map(|v| v["item"].clone())
-        .collect()
-}
-
-fn sorted(mut v: Vec<Value>) -> Vec<Value> {
-    v.sort_by_key(|x| x.to_string());
-    v
-}
 
 /// 30 readings, keys alternating a/b, one per second from T0, v = 0..29.
 fn thirty() -> String {
