@@ -1,7 +1,9 @@
-//! `runnel run`: the agent. Loads every flow file in the flows folder,
-//! runs each live with its own sinks until SIGTERM/SIGINT, then stops the
-//! flows and exits 0. A flow file that fails to load is logged and
-//! skipped; the others run.
+//! `runnel run`: the agent. Opens the state file, loads every flow file in
+//! the flows folder, registers their MQTT subscriptions, connects the
+//! brokers, and runs each flow live with its own sinks until SIGTERM/SIGINT;
+//! then it stops the flows, says `offline` to the brokers and exits 0. A
+//! flow file that fails to load (or names a broker that is not usable) is
+//! logged and skipped; the others run.
 
 use std::process::ExitCode;
 
@@ -10,10 +12,19 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::sync::watch;
 
+use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
 use crate::config::Config;
 use crate::engine::{run_flow, FlowOptions, OutputMode};
-use crate::flow;
+use crate::flow::{self, FlowPlan, SinkSpec, SourceSpec, StepKind};
+use crate::metrics::Counters;
+use crate::mqtt::Hub;
 use crate::python::PyRunner;
+use crate::sinks::SinkEnv;
+use crate::sources::{MqttInput, SourceConfig};
+use crate::store::{outbox::Full, OutboxPolicy, Store};
 
 /// How long flows get to stop after SIGTERM before the agent exits anyway.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -32,9 +43,54 @@ pub(crate) fn run(config: Config) -> anyhow::Result<ExitCode> {
             config.state_dir.display()
         )
     })?;
+    let policies: HashMap<String, OutboxPolicy> = config
+        .brokers
+        .iter()
+        .map(|(name, b)| {
+            let full = if b.outbox_full == "block" {
+                Full::Block
+            } else {
+                Full::DropOldest
+            };
+            (
+                name.clone(),
+                OutboxPolicy {
+                    max_bytes: b.max_outbox_bytes,
+                    full,
+                },
+            )
+        })
+        .collect();
+    let store = Store::open(&config.state_dir, policies)?;
+    for (broker, d) in store.outboxes().depths() {
+        if d.entries == 0 {
+            continue;
+        }
+        if config.brokers.contains_key(&broker) || broker == "default" {
+            tracing::info!(
+                "outbox of broker {broker}: {} undelivered message(s) ({} bytes) from before; delivering them first",
+                d.entries,
+                d.bytes
+            );
+        } else {
+            tracing::warn!(
+                "outbox of broker {broker}: {} undelivered message(s) ({} bytes), but the config has no [brokers.{broker}]; they are kept until it has one again",
+                d.entries,
+                d.bytes
+            );
+        }
+    }
+    let mut hub = Hub::new(&config.brokers, config.device_id());
+    let stopping = Arc::new(AtomicBool::new(false));
+    let sink_env = Arc::new(SinkEnv {
+        device_id: Arc::from(config.device_id()),
+        store: store.clone(),
+        stopping: stopping.clone(),
+    });
     let py = PyRunner::start()?;
     let rt = crate::cli::runtime()?;
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (conn_stop_tx, conn_stop_rx) = watch::channel(false);
     // Listen for SIGTERM before loading flows, so an early stop is clean too.
     let mut term = rt
         .block_on(async { tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) })
@@ -62,6 +118,7 @@ pub(crate) fn run(config: Config) -> anyhow::Result<ExitCode> {
     };
     files.sort();
     let mut running: Vec<(String, String)> = Vec::new();
+    let mut status: Vec<FlowFigures> = Vec::new();
     let mut handles = Vec::new();
     for path in files {
         let file = match flow::load(&py, &path) {
@@ -81,13 +138,24 @@ pub(crate) fn run(config: Config) -> anyhow::Result<ExitCode> {
                 );
                 continue;
             }
+            let inputs = match connect_flow(&mut hub, &plan) {
+                Ok(inputs) => inputs,
+                Err(e) => {
+                    tracing::error!("flow {:?} in {} skipped: {e}", plan.flow_id, path.display());
+                    continue;
+                }
+            };
             running.push((plan.flow_id.clone(), path.display().to_string()));
             tracing::info!("starting flow {:?} from {}", plan.flow_id, path.display());
+            let counters = Counters::default();
+            status.push(FlowFigures::new(&plan, counters.clone()));
             let opts = FlowOptions {
                 live: true,
-                inputs: Default::default(),
+                inputs,
                 output: OutputMode::Sinks,
                 stop: Some(stop_rx.clone()),
+                sink_env: Some(sink_env.clone()),
+                counters,
             };
             handles.push(run_flow(plan, opts, py.clone(), rt.handle().clone())?);
         }
@@ -99,12 +167,40 @@ pub(crate) fn run(config: Config) -> anyhow::Result<ExitCode> {
         );
     }
 
-    rt.block_on(async {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-            _ = ctrl_c => tracing::info!("SIGINT: stopping"),
+    let conns = hub.start(&store, rt.handle(), conn_stop_rx);
+    let started = std::time::Instant::now();
+    let healthy = rt.block_on(async {
+        let mut health = tokio::time::interval(Duration::from_secs(1));
+        let every = Duration::from_secs(config.status_interval.max(1));
+        let mut status_tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        let mut log_tick = tokio::time::interval_at(tokio::time::Instant::now() + STATS_LOG_EVERY, STATS_LOG_EVERY);
+        tokio::pin!(ctrl_c);
+        loop {
+            tokio::select! {
+                _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break }
+                _ = &mut ctrl_c => { tracing::info!("SIGINT: stopping"); break }
+                _ = status_tick.tick(), if config.status_interval > 0 => {
+                    let text = stats_json(config.device_id(), started, &status, &hub, &store);
+                    hub.publish_stats(text.as_bytes());
+                }
+                _ = log_tick.tick() => tracing::info!("{}", stats_line(&status, &hub, &store)),
+                _ = health.tick() => {
+                    if let Some(why) = store.failure() {
+                        tracing::error!(
+                            "the state file {} can no longer be written ({why}); is state_dir full or the SD card failing? check `df -h {}`; exiting so that systemd restarts runnel",
+                            store.path().display(),
+                            config.state_dir.display()
+                        );
+                        return false;
+                    }
+                }
+            }
         }
+        true
     });
+    stopping.store(true, std::sync::atomic::Ordering::Relaxed);
+    // Messages taken from now on may never be processed: let the brokers keep them.
+    hub.stop_acks();
     let _ = stop_tx.send(true);
     let n = handles.len();
     let (done_tx, done_rx) = std::sync::mpsc::channel();
@@ -150,7 +246,197 @@ pub(crate) fn run(config: Config) -> anyhow::Result<ExitCode> {
             STOP_GRACE.as_secs()
         );
     }
+    // The outbox is durable: whatever is not delivered now goes next start.
+    let _ = conn_stop_tx.send(true);
+    rt.block_on(async {
+        let _ = tokio::time::timeout(Duration::from_millis(1500), async {
+            for c in conns {
+                let _ = c.await;
+            }
+        })
+        .await;
+    });
+    for (broker, d) in store.outboxes().depths() {
+        if d.entries > 0 {
+            tracing::info!(
+                "outbox of broker {broker}: {} message(s) not yet delivered; they go out after the next start",
+                d.entries
+            );
+        }
+    }
     rt.shutdown_background();
     tracing::info!("runnel stopped");
-    Ok(ExitCode::SUCCESS)
+    Ok(if healthy { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// How often the figures go to the log (at info).
+const STATS_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Register a flow's MQTT inputs and outputs with the hub; every broker it
+/// names must be usable, or the flow does not start.
+fn connect_flow(hub: &mut Hub, plan: &FlowPlan) -> Result<HashMap<String, SourceConfig>, String> {
+    for s in &plan.steps {
+        let broker = match &s.kind {
+            StepKind::Input(SourceSpec::Mqtt(m)) => &m.broker,
+            StepKind::Output(SinkSpec::Mqtt(m)) => &m.broker,
+            _ => continue,
+        };
+        hub.check(broker)
+            .map_err(|e| format!("step {:?} ({}): {e}", s.step_id, s.location))?;
+    }
+    let mut inputs = HashMap::new();
+    for s in &plan.steps {
+        match &s.kind {
+            StepKind::Input(SourceSpec::Mqtt(m)) => {
+                let inbox = hub.subscribe(&m.broker, m.filters.clone(), m.qos)?;
+                inputs.insert(
+                    s.step_id.clone(),
+                    SourceConfig::Mqtt(MqttInput {
+                        spec: m.clone(),
+                        inbox: Arc::new(Mutex::new(Some(inbox))),
+                    }),
+                );
+            }
+            StepKind::Output(SinkSpec::Mqtt(m)) => hub.publish_on(&m.broker)?,
+            _ => {}
+        }
+    }
+    Ok(inputs)
+}
+
+/// A running flow's figures for the status: which counters are its input
+/// and output steps.
+struct FlowFigures {
+    flow_id: String,
+    inputs: Vec<String>,
+    outputs: Vec<String>,
+    counters: Counters,
+}
+
+impl FlowFigures {
+    fn new(plan: &FlowPlan, counters: Counters) -> FlowFigures {
+        let ids = |want_input: bool| {
+            plan.steps
+                .iter()
+                .filter(|s| {
+                    if want_input {
+                        matches!(s.kind, StepKind::Input(_))
+                    } else {
+                        matches!(s.kind, StepKind::Output(_))
+                    }
+                })
+                .map(|s| s.step_id.clone())
+                .collect()
+        };
+        FlowFigures {
+            flow_id: plan.flow_id.clone(),
+            inputs: ids(true),
+            outputs: ids(false),
+            counters,
+        }
+    }
+
+    /// (messages in, items out, decode errors)
+    fn figures(&self) -> (u64, u64, u64) {
+        let c = self.counters.snapshot();
+        let sum = |steps: &[String], what: &str| -> u64 {
+            steps
+                .iter()
+                .map(|s| c.get(&format!("{s}.{what}")).copied().unwrap_or(0))
+                .sum()
+        };
+        (
+            sum(&self.inputs, "items"),
+            sum(&self.outputs, "items"),
+            sum(&self.inputs, "malformed"),
+        )
+    }
+}
+
+/// The stats message: one JSON object.
+fn stats_json(device_id: &str, started: std::time::Instant, flows: &[FlowFigures], hub: &Hub, store: &Store) -> String {
+    use crate::value::Value;
+    use std::sync::atomic::Ordering::Relaxed;
+    let s = |t: &str| Value::str(t);
+    let n = |x: u64| Value::Int(x as i64);
+    let flow_values: Vec<(Arc<str>, Value)> = flows
+        .iter()
+        .map(|f| {
+            let (i, o, bad) = f.figures();
+            (
+                Arc::from(f.flow_id.as_str()),
+                Value::Map(vec![
+                    (Arc::from("in"), n(i)),
+                    (Arc::from("out"), n(o)),
+                    (Arc::from("decode_errors"), n(bad)),
+                ]),
+            )
+        })
+        .collect();
+    let brokers: Vec<(Arc<str>, Value)> = hub
+        .stats()
+        .into_iter()
+        .map(|(name, b)| {
+            let d = store.outboxes().depth(name);
+            (
+                Arc::from(name),
+                Value::Map(vec![
+                    (Arc::from("connected"), Value::Bool(b.connected.load(Relaxed))),
+                    (Arc::from("reconnects"), n(b.reconnects.load(Relaxed))),
+                    (Arc::from("received"), n(b.received.load(Relaxed))),
+                    (Arc::from("delivered"), n(b.delivered.load(Relaxed))),
+                    (Arc::from("rejected"), n(b.rejected.load(Relaxed))),
+                    (Arc::from("dropped_qos0"), n(b.dropped_qos0.load(Relaxed))),
+                    (Arc::from("outbox_entries"), n(d.entries)),
+                    (Arc::from("outbox_bytes"), n(d.bytes)),
+                    (Arc::from("outbox_dropped"), n(d.dropped)),
+                ]),
+            )
+        })
+        .collect();
+    let v = Value::Map(vec![
+        (Arc::from("device_id"), s(device_id)),
+        (Arc::from("uptime_s"), n(started.elapsed().as_secs())),
+        (Arc::from("flows_loaded"), n(flows.len() as u64)),
+        (Arc::from("flows"), Value::Map(flow_values)),
+        (Arc::from("brokers"), Value::Map(brokers)),
+    ]);
+    let mut out = String::new();
+    crate::json::write(&v, &mut out);
+    out
+}
+
+/// The same figures as one log line.
+fn stats_line(flows: &[FlowFigures], hub: &Hub, store: &Store) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut parts = vec![format!("{} flow(s)", flows.len())];
+    for f in flows {
+        let (i, o, bad) = f.figures();
+        parts.push(format!("{}: in={i} out={o} decode_errors={bad}", f.flow_id));
+    }
+    for (name, b) in hub.stats() {
+        let d = store.outboxes().depth(name);
+        if b.received.load(Relaxed) == 0
+            && d.entries == 0
+            && !b.connected.load(Relaxed)
+            && b.delivered.load(Relaxed) == 0
+        {
+            continue;
+        }
+        parts.push(format!(
+            "broker {name}: {} reconnects={} received={} delivered={} outbox={} ({} bytes, {} dropped)",
+            if b.connected.load(Relaxed) {
+                "connected"
+            } else {
+                "disconnected"
+            },
+            b.reconnects.load(Relaxed),
+            b.received.load(Relaxed),
+            b.delivered.load(Relaxed),
+            d.entries,
+            d.bytes,
+            d.dropped
+        ));
+    }
+    format!("stats: {}", parts.join("; "))
 }

@@ -222,6 +222,24 @@ fn replay(path: &Path, inputs: &[String], keep_sinks: bool) -> anyhow::Result<Ex
         let decode = Decode::for_path(&p);
         overrides.insert(step, SourceConfig::File { path: p, decode });
     }
+    for plan in &file.flows {
+        for s in &plan.steps {
+            match &s.kind {
+                StepKind::Input(spec @ flow::SourceSpec::Mqtt(_)) if !overrides.contains_key(&s.step_id) => {
+                    anyhow::bail!(
+                        "input step {:?} reads {spec}; replay it from a capture with --input {}=FILE (JSON lines or CSV), or run it live with `runnel run`",
+                        s.step_id,
+                        s.step_id
+                    )
+                }
+                StepKind::Output(spec @ flow::SinkSpec::Mqtt(_)) if keep_sinks => anyhow::bail!(
+                    "--keep-sinks: output step {:?} publishes ({spec}), which needs the agent's outbox; leave out --keep-sinks to print its items, or use `runnel run`",
+                    s.step_id
+                ),
+                _ => {}
+            }
+        }
+    }
     let rt = runtime()?;
     let out: SharedOut = Arc::new(Mutex::new(Box::new(std::io::BufWriter::with_capacity(
         64 * 1024,
@@ -238,6 +256,8 @@ fn replay(path: &Path, inputs: &[String], keep_sinks: bool) -> anyhow::Result<Ex
                 OutputMode::Replay(out.clone())
             },
             stop: None,
+            sink_env: None,
+            counters: Default::default(),
         };
         handles.push(run_flow(plan, opts, py.clone(), rt.handle().clone())?);
     }

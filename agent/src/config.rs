@@ -1,5 +1,6 @@
 //! The agent's configuration file (`/etc/runnel/runnel.toml`).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -21,6 +22,86 @@ pub(crate) struct Config {
     /// `error`, `warn`, `info`, `debug` or `trace` (or a tracing filter). Default `info`.
     #[serde(default = "default_log_level")]
     pub log_level: String,
+    /// Seconds between the stats messages. 0: none. (The stats log line is once a minute.)
+    #[serde(default = "default_status_interval")]
+    pub status_interval: u64,
+    /// MQTT brokers by name (`[brokers.NAME]`).
+    #[serde(default)]
+    pub brokers: BTreeMap<String, BrokerConfig>,
+}
+
+/// `[brokers.NAME]`: one MQTT connection, shared by every flow that names it.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BrokerConfig {
+    #[serde(default = "default_host")]
+    pub host: String,
+    /// Default 1883, or 8883 with `[brokers.NAME.tls]`.
+    pub port: Option<u16>,
+    /// Default `runnel-<device_id>-<NAME>`.
+    pub client_id: Option<String>,
+    pub username: Option<String>,
+    /// A file holding the password (trailing newline ignored); must not be
+    /// readable by others.
+    pub password_file: Option<PathBuf>,
+    /// Seconds between keepalive pings. Default 30.
+    #[serde(default = "default_keepalive")]
+    pub keepalive: u64,
+    /// Clean session off: the broker queues QoS 1 messages while runnel is down.
+    #[serde(default)]
+    pub persistent_session: bool,
+    /// `"3.1.1"` (default) or `"5"`.
+    #[serde(default = "default_protocol")]
+    pub protocol: String,
+    /// Upper bound of this broker's outbox in the state file, in bytes.
+    #[serde(default = "default_max_outbox_bytes")]
+    pub max_outbox_bytes: u64,
+    /// What a full outbox does: `"drop-oldest"` (default) or `"block"`.
+    #[serde(default = "default_outbox_full")]
+    pub outbox_full: String,
+    /// Publish `runnel/<device_id>/status` (and stats) on this broker. Default true.
+    #[serde(default = "default_true")]
+    pub status: bool,
+    /// Longest wait between reconnect attempts, in seconds. Default 30.
+    #[serde(default = "default_reconnect_max")]
+    pub reconnect_max: u64,
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[brokers.NAME.tls]`: TLS with rustls. Without `ca` the system's roots
+/// are trusted; `cert` and `key` together turn on mutual TLS.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TlsConfig {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+fn default_host() -> String {
+    "localhost".into()
+}
+fn default_keepalive() -> u64 {
+    30
+}
+fn default_protocol() -> String {
+    "3.1.1".into()
+}
+/// 64 MiB: days of summaries, a sliver of an SD card.
+fn default_max_outbox_bytes() -> u64 {
+    64 << 20
+}
+fn default_outbox_full() -> String {
+    "drop-oldest".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_reconnect_max() -> u64 {
+    30
+}
+fn default_status_interval() -> u64 {
+    60
 }
 
 fn default_state_dir() -> PathBuf {
@@ -44,6 +125,47 @@ impl Config {
         for dir in [&mut config.state_dir, &mut config.flows_dir] {
             if dir.is_relative() {
                 *dir = base.join(&*dir);
+            }
+        }
+        for (name, b) in config.brokers.iter_mut() {
+            let at = |what: String| anyhow::anyhow!("config file {}: [brokers.{name}]: {what}", path.display());
+            if !matches!(b.protocol.as_str(), "3.1.1" | "5") {
+                return Err(at(format!("protocol must be \"3.1.1\" or \"5\"; got {:?}", b.protocol)));
+            }
+            if !matches!(b.outbox_full.as_str(), "drop-oldest" | "block") {
+                return Err(at(format!(
+                    "outbox_full must be \"drop-oldest\" or \"block\"; got {:?}",
+                    b.outbox_full
+                )));
+            }
+            if b.host.trim().is_empty() {
+                return Err(at("host is empty".into()));
+            }
+            if b.persistent_session && b.client_id.as_deref().is_some_and(|c| c.is_empty()) {
+                return Err(at("persistent_session needs a client_id (an empty one asks the broker to make one up, for this connection only)".into()));
+            }
+            if b.protocol == "5" && b.keepalive == 0 {
+                return Err(at(
+                    "keepalive = 0 (off) is not available with protocol = \"5\"; use 5 or more seconds".into(),
+                ));
+            }
+            if b.keepalive > 0 && b.keepalive < 5 {
+                return Err(at(format!(
+                    "keepalive must be 0 (off) or at least 5 seconds; got {}",
+                    b.keepalive
+                )));
+            }
+            let mut files: Vec<&mut PathBuf> = b.password_file.iter_mut().collect();
+            if let Some(tls) = &mut b.tls {
+                if tls.cert.is_some() != tls.key.is_some() {
+                    return Err(at("tls: give both cert and key (mutual TLS) or neither".into()));
+                }
+                files.extend(tls.ca.iter_mut().chain(tls.cert.iter_mut()).chain(tls.key.iter_mut()));
+            }
+            for f in files {
+                if f.is_relative() {
+                    *f = base.join(&*f);
+                }
             }
         }
         if config.device_id.as_deref().is_some_and(|d| d.trim().is_empty()) {

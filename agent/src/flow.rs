@@ -139,6 +139,18 @@ impl Decode {
 #[derive(Clone, Debug)]
 pub(crate) enum SourceSpec {
     File { path: PathBuf, decode: Decode },
+    Mqtt(MqttSourceSpec),
+}
+
+/// `sources.mqtt(...)` as the flow file gave it.
+#[derive(Clone, Debug)]
+pub(crate) struct MqttSourceSpec {
+    pub broker: String,
+    pub filters: Vec<crate::mqtt::topic::Filter>,
+    pub qos: u8,
+    pub format: crate::decode::Format,
+    pub topic_field: Option<Arc<str>>,
+    pub max_payload: usize,
 }
 
 impl std::fmt::Display for SourceSpec {
@@ -147,6 +159,18 @@ impl std::fmt::Display for SourceSpec {
             SourceSpec::File { path, decode } => {
                 write!(f, "file {} ({:?})", path.display(), decode)
             }
+            SourceSpec::Mqtt(m) => write!(
+                f,
+                "mqtt {} on broker {} qos {} ({})",
+                m.filters
+                    .iter()
+                    .map(|x| x.subscribe.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                m.broker,
+                m.qos,
+                m.format.name()
+            ),
         }
     }
 }
@@ -155,6 +179,17 @@ impl std::fmt::Display for SourceSpec {
 pub(crate) enum SinkSpec {
     Stdout,
     File(PathBuf),
+    Mqtt(MqttSinkSpec),
+}
+
+/// `sinks.mqtt(...)` as the flow file gave it.
+#[derive(Clone, Debug)]
+pub(crate) struct MqttSinkSpec {
+    pub topic: String,
+    pub broker: String,
+    pub qos: u8,
+    pub cbor: bool,
+    pub retain: bool,
 }
 
 impl std::fmt::Display for SinkSpec {
@@ -162,6 +197,15 @@ impl std::fmt::Display for SinkSpec {
         match self {
             SinkSpec::Stdout => write!(f, "stdout"),
             SinkSpec::File(p) => write!(f, "file {}", p.display()),
+            SinkSpec::Mqtt(m) => write!(
+                f,
+                "mqtt {} on broker {} qos {} ({}{})",
+                m.topic,
+                m.broker,
+                m.qos,
+                if m.cbor { "cbor" } else { "json" },
+                if m.retain { ", retained" } else { "" }
+            ),
         }
     }
 }
@@ -521,6 +565,33 @@ fn read_source(src: &Bound<'_, PyAny>, dir: &Path) -> Result<SourceSpec, ReadErr
                 decode,
             })
         }
+        "mqtt" => {
+            let topics: Vec<String> = attr(src, "topics")?;
+            let mut filters = Vec::new();
+            for t in &topics {
+                filters.push(crate::mqtt::topic::Filter::parse(t).map_err(ReadErr::Msg)?);
+            }
+            let decode: String = attr(src, "decode")?;
+            let columns: Option<Vec<String>> = attr(src, "columns")?;
+            let format = match decode.as_str() {
+                "cbor" => crate::decode::Format::Cbor,
+                "csv" => crate::decode::Format::Csv {
+                    columns: columns.map(|c| c.iter().map(|s| Arc::from(s.as_str())).collect()),
+                },
+                "kv" => crate::decode::Format::Kv,
+                "raw" => crate::decode::Format::Raw,
+                _ => crate::decode::Format::Json,
+            };
+            let topic_field: Option<String> = attr(src, "topic_field")?;
+            Ok(SourceSpec::Mqtt(MqttSourceSpec {
+                broker: attr(src, "broker")?,
+                filters,
+                qos: attr(src, "qos")?,
+                format,
+                topic_field: topic_field.map(|t| Arc::from(t.as_str())),
+                max_payload: attr(src, "max_payload")?,
+            }))
+        }
         other => Err(ReadErr::Msg(format!("unknown source kind {other:?}"))),
     }
 }
@@ -530,6 +601,13 @@ fn read_sink(sink: &Bound<'_, PyAny>, dir: &Path) -> Result<SinkSpec, ReadErr> {
     match kind.as_str() {
         "stdout" => Ok(SinkSpec::Stdout),
         "file" => Ok(SinkSpec::File(resolve(dir, &attr::<String>(sink, "path")?))),
+        "mqtt" => Ok(SinkSpec::Mqtt(MqttSinkSpec {
+            topic: attr(sink, "topic")?,
+            broker: attr(sink, "broker")?,
+            qos: attr(sink, "qos")?,
+            cbor: attr::<String>(sink, "encode")? == "cbor",
+            retain: attr(sink, "retain")?,
+        })),
         other => Err(ReadErr::Msg(format!("unknown sink kind {other:?}"))),
     }
 }

@@ -127,6 +127,16 @@ impl Decoder {
         (skip_ws(b, i + 1) == b.len()).then_some(Value::Map(fields))
     }
 
+    /// Decode one CBOR data item with the same sharing of names; maps keep
+    /// their order, byte strings become text if they are UTF-8, tags are
+    /// ignored, and keys that are not text are an error.
+    pub(crate) fn decode_cbor(&mut self, bytes: &[u8]) -> Result<Value, serde_cbor::Error> {
+        let mut de = serde_cbor::Deserializer::from_slice(bytes);
+        let v = ValueSeed { names: &mut self.names }.deserialize(&mut de)?;
+        de.end()?;
+        Ok(v)
+    }
+
     fn finish<'de, R: serde_json::de::Read<'de>>(
         &mut self,
         mut de: serde_json::Deserializer<R>,
@@ -224,6 +234,16 @@ impl<'de> Visitor<'de> for ValueSeed<'_> {
     fn visit_unit<E>(self) -> Result<Value, E> {
         Ok(Value::Null)
     }
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    // CBOR byte strings: text if they are UTF-8.
+    fn visit_bytes<E: de::Error>(self, b: &[u8]) -> Result<Value, E> {
+        match std::str::from_utf8(b) {
+            Ok(s) => Ok(Value::Str(self.names.get(s))),
+            Err(_) => Err(E::custom("a byte string that is not UTF-8 text")),
+        }
+    }
     fn visit_bool<E>(self, b: bool) -> Result<Value, E> {
         Ok(Value::Bool(b))
     }
@@ -240,14 +260,15 @@ impl<'de> Visitor<'de> for ValueSeed<'_> {
         Ok(Value::Str(self.names.get(s)))
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
-        let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(4));
+        // A CBOR header may claim any length: never trust it for an allocation.
+        let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(4).min(1024));
         while let Some(v) = seq.next_element_seed(ValueSeed { names: self.names })? {
             out.push(v);
         }
         Ok(Value::List(out))
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
-        let mut out: Vec<(Arc<str>, Value)> = Vec::with_capacity(map.size_hint().unwrap_or(4));
+        let mut out: Vec<(Arc<str>, Value)> = Vec::with_capacity(map.size_hint().unwrap_or(4).min(1024));
         while let Some(name) = map.next_key_seed(KeySeed {
             names: self.names,
             position: out.len(),

@@ -4,13 +4,16 @@
 mod agent;
 mod cli;
 mod config;
+mod decode;
 mod engine;
 mod flow;
 mod json;
 mod metrics;
+mod mqtt;
 mod python;
 mod sinks;
 mod sources;
+mod store;
 mod time;
 mod value;
 

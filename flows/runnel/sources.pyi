@@ -6,7 +6,7 @@ counted, logged with where it came from (file and line), and skipped.
 
 from typing import Literal
 
-__all__ = ["Source", "file"]
+__all__ = ["Source", "file", "mqtt"]
 
 class Source:
     """Base class of all runnel sources; build one with a function of this
@@ -32,5 +32,49 @@ def file(path: str, decode: Literal["jsonl", "csv"] | None = ...) -> Source:
     ```python
     readings = op.input("in", flow, sources.file("captures/greenhouse.jsonl"))
     rows = op.input("rows", flow, sources.file("log.csv", decode="csv"))
+    ```
+    """
+
+def mqtt(
+    topics: str | list[str],
+    *,
+    broker: str = ...,
+    qos: Literal[0, 1] = ...,
+    decode: Literal["json", "cbor", "csv", "kv", "raw"] = ...,
+    columns: list[str] | None = ...,
+    topic_field: str | None = ...,
+    max_payload: int = ...,
+) -> Source:
+    """Subscribe to MQTT topics on a broker of the agent's config
+    (`[brokers.NAME]` in `runnel.toml`); every message becomes items.
+
+    `topics` is one topic filter or a list of them. `+` matches one level and
+    `#` the rest, as in MQTT. A level written `{name}` matches one level like
+    `+` and puts that level's text into the field `name` of every item, so a
+    flow keys by the device id in the topic without any Python per item:
+
+    ```python
+    temps = op.input("temps", flow, sources.mqtt("sensors/{device}/temp"))
+    by_device = op.key_on("by_device", temps, "device")
+    ```
+
+    `topic_field="topic"` puts the whole topic into the field `topic`.
+    Topic fields overwrite payload fields of the same name. A payload that is
+    not a dict becomes `{"value": payload}` when topic fields are asked for.
+
+    `decode`: `"json"` (one JSON value per message), `"cbor"` (one CBOR item;
+    text-keyed maps become dicts), `"csv"` (each line a row; the first line of
+    a message is its header unless `columns=[...]` names the cells), `"kv"`
+    (each line `id=a1 t=21.5 h=40`; values typed as CSV cells are), or
+    `"raw"` (the payload as a `str`). A payload that does not decode, or is
+    longer than `max_payload` bytes, is counted, logged and skipped.
+
+    `qos` is the subscription's QoS (0 or 1). A message is acknowledged to the
+    broker once its items are handed to the flow.
+
+    ```python
+    rows = op.input("rows", flow, sources.mqtt(["plant/+/csv", "plant/line2/#"],
+                                               decode="csv", columns=["ts", "temp"],
+                                               topic_field="topic"))
     ```
     """

@@ -1,5 +1,7 @@
 //! Helpers shared by the integration tests.
 
+pub mod mqtt;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Read;
@@ -252,7 +254,13 @@ impl Agent {
     /// Start `runnel run --config config` in `dir`; stderr goes to
     /// `dir/stderr.txt`, stdin and stdout are null.
     pub fn start(dir: &Path, config: &Path) -> Agent {
-        let stderr_path = dir.join("stderr.txt");
+        Agent::start_logging_to(dir, config, "stderr.txt")
+    }
+
+    /// `start`, with stderr in `dir/log_name` (a restarted agent keeps the
+    /// first one's log).
+    pub fn start_logging_to(dir: &Path, config: &Path, log_name: &str) -> Agent {
+        let stderr_path = dir.join(log_name);
         let stderr = fs::File::create(&stderr_path).unwrap_or_else(|e| panic!("{}: {e}", stderr_path.display()));
         let child = runnel_command(dir)
             .arg("run")
@@ -315,6 +323,12 @@ impl Agent {
             );
             thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// `kill -9`: no chance to save or flush anything.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Send SIGTERM (as systemd stops a service) and wait at most `within`
@@ -428,4 +442,33 @@ pub fn items_of(done: &Finished, step: &str) -> Vec<serde_json::Value> {
 pub fn sorted(mut values: Vec<serde_json::Value>) -> Vec<serde_json::Value> {
     values.sort_by_key(|x| x.to_string());
     values
+}
+
+/// Clock ticks per second, the unit of the CPU times in /proc/PID/stat.
+fn clock_ticks_per_second() -> f64 {
+    let out = Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .expect("run getconf CLK_TCK");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("getconf CLK_TCK printed {text:?}: {e}"))
+}
+
+/// CPU seconds process `pid` has used so far, user plus system, all threads:
+/// fields 14 (utime) and 15 (stime) of /proc/PID/stat.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    // Field 2, the command name in parentheses, may contain spaces: count
+    // from the last ')'. What follows starts at field 3.
+    let rest = &stat[stat.rfind(')').expect("comm field") + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |field: usize| -> f64 {
+        fields[field - 3]
+            .parse::<u64>()
+            .unwrap_or_else(|e| panic!("{path} field {field}: {e}\n{stat}")) as f64
+    };
+    (ticks(14) + ticks(15)) / clock_ticks_per_second()
 }

@@ -17,7 +17,7 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use runnel_tests::{jsonl_items, write_agent_config, write_file, Agent};
+use runnel_tests::{cpu_seconds, jsonl_items, write_agent_config, write_file, Agent};
 use serde_json::{json, Value};
 use tempfile::TempDir;
 
@@ -126,35 +126,6 @@ fn stop_cleanly(agent: &mut Agent) -> String {
     let log = agent.stderr();
     assert_eq!(status.code(), Some(0), "exit after SIGTERM ({status}):\n{log}");
     log
-}
-
-/// Clock ticks per second, the unit of the CPU times in /proc/PID/stat.
-fn clock_ticks_per_second() -> f64 {
-    let out = Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .expect("run getconf CLK_TCK");
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.trim()
-        .parse()
-        .unwrap_or_else(|e| panic!("getconf CLK_TCK printed {text:?}: {e}"))
-}
-
-/// CPU seconds process `pid` has used so far, user plus system, all threads:
-/// fields 14 (utime) and 15 (stime) of /proc/PID/stat.
-fn cpu_seconds(pid: u32) -> f64 {
-    let path = format!("/proc/{pid}/stat");
-    let stat = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    // Field 2, the command name in parentheses, may contain spaces: count
-    // from the last ')'. What follows starts at field 3.
-    let rest = &stat[stat.rfind(')').expect("comm field") + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |field: usize| -> f64 {
-        fields[field - 3]
-            .parse::<u64>()
-            .unwrap_or_else(|e| panic!("{path} field {field}: {e}\n{stat}")) as f64
-    };
-    (ticks(14) + ticks(15)) / clock_ticks_per_second()
 }
 
 /// Most CPU an idle agent may use in the two seconds measured.

@@ -34,6 +34,10 @@ pub(crate) struct FlowOptions {
     pub output: OutputMode,
     /// Becomes true when the agent shuts down.
     pub stop: Option<watch::Receiver<bool>>,
+    /// What MQTT sinks need (the agent's outbox); `None` outside `run`.
+    pub sink_env: Option<Arc<crate::sinks::SinkEnv>>,
+    /// The flow's counters (the agent reads them for its status).
+    pub counters: Counters,
 }
 
 /// What a flow did, for the summary line and tests.
@@ -181,7 +185,7 @@ pub(crate) fn run_flow(
 }
 
 fn engine_main(plan: FlowPlan, opts: FlowOptions, py: PyRunner, rt: tokio::runtime::Handle) -> FlowReport {
-    let counters = Counters::default();
+    let counters = opts.counters.clone();
     let warnings = Warnings::default();
     let (tx, mut rx) = mpsc::channel::<SourceMsg>(8);
 
@@ -214,7 +218,12 @@ fn engine_main(plan: FlowPlan, opts: FlowOptions, py: PyRunner, rt: tokio::runti
             }
             StepKind::Output(spec) => match &opts.output {
                 OutputMode::Replay(w) => Box::new(OutputOp::replay(s.step_id.clone(), w.clone())),
-                OutputMode::Sinks => Box::new(OutputOp::sink(s.step_id.clone(), spec)),
+                OutputMode::Sinks => Box::new(OutputOp::sink(
+                    &plan.flow_id,
+                    s.step_id.clone(),
+                    spec,
+                    opts.sink_env.as_ref(),
+                )),
             },
             StepKind::Py(kind, f) => Box::new(PyOp {
                 step_id: s.step_id.clone(),

@@ -90,6 +90,8 @@ impl Cx {
     /// "data.jsonl line 12", or "" when a step made the item.
     pub(crate) fn origin(&self, at: Origin) -> String {
         match self.origins.get(at.src as usize) {
+            // MQTT origins end in "message": "mqtt broker default message 17".
+            Some(name) if at.src != 0 && name.ends_with(" message") => format!(" (from {name} {})", at.line),
             Some(name) if at.src != 0 => format!(" (from {name} line {})", at.line),
             _ => String::new(),
         }

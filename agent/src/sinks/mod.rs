@@ -1,7 +1,12 @@
 //! Sinks: where output steps write. Each writes JSON lines (tuples as
 //! arrays, datetimes as RFC 3339 text). Items holding Python objects are
 //! resolved to JSON form on the Python thread first, one job per batch.
-//! Adding a sink (MQTT outbox) adds a file here; the engine does not change.
+//! MQTT (`mqtt.rs`) commits to the agent's outbox instead; the engine does
+//! not know the difference.
+
+mod mqtt;
+
+pub(crate) use mqtt::SinkEnv;
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
@@ -25,6 +30,9 @@ enum Target {
         path: PathBuf,
         w: Option<BufWriter<File>>,
     },
+    Mqtt(Box<mqtt::MqttSink>),
+    /// A sink that cannot run here (MQTT outside `runnel run`).
+    Unavailable(String),
 }
 
 /// An output step.
@@ -41,12 +49,19 @@ impl OutputOp {
         }
     }
 
-    pub(crate) fn sink(step_id: String, spec: &SinkSpec) -> OutputOp {
+    pub(crate) fn sink(flow_id: &str, step_id: String, spec: &SinkSpec, env: Option<&Arc<SinkEnv>>) -> OutputOp {
         let target = match spec {
             SinkSpec::Stdout => Target::Stdout,
             SinkSpec::File(path) => Target::File {
                 path: path.clone(),
                 w: None,
+            },
+            SinkSpec::Mqtt(m) => match env {
+                Some(env) => Target::Mqtt(Box::new(mqtt::MqttSink::new(flow_id, &step_id, m, env.clone()))),
+                None => Target::Unavailable(format!(
+                    "an MQTT sink (broker {}) needs the agent's outbox (runnel run)",
+                    m.broker
+                )),
             },
         };
         OutputOp { step_id, target }
@@ -68,11 +83,30 @@ impl OutputOp {
     }
 
     fn write<V: std::borrow::Borrow<Value>>(&mut self, cx: &Cx, values: &[V]) {
+        match &mut self.target {
+            Target::Mqtt(m) => return m.write(cx, &self.step_id, values),
+            Target::Unavailable(why) => {
+                cx.counters
+                    .add(&format!("{}.write_errors", self.step_id), values.len() as u64);
+                let step = &self.step_id;
+                cx.warnings
+                    .warn(&format!("flow {} output {step}: unavailable", cx.flow_id), || {
+                        format!(
+                            "flow {} output {step:?}: {why}; {} items not written",
+                            cx.flow_id,
+                            values.len()
+                        )
+                    });
+                return;
+            }
+            _ => {}
+        }
         let text = self.render(values);
         let step = &self.step_id;
         let result = match &mut self.target {
             Target::Replay(w) => w.lock().unwrap_or_else(|p| p.into_inner()).write_all(text.as_bytes()),
             Target::Stdout => std::io::stdout().lock().write_all(text.as_bytes()),
+            Target::Mqtt(_) | Target::Unavailable(_) => unreachable!("not rendered as text"),
             Target::File { path, w } => {
                 if w.is_none() {
                     if let Some(dir) = path.parent() {
@@ -132,7 +166,7 @@ impl Operator for OutputOp {
             Target::Replay(w) => w.lock().unwrap_or_else(|p| p.into_inner()).flush(),
             Target::Stdout => std::io::stdout().lock().flush(),
             Target::File { w: Some(w), .. } => w.flush(),
-            Target::File { w: None, .. } => Ok(()),
+            Target::File { w: None, .. } | Target::Mqtt(_) | Target::Unavailable(_) => Ok(()),
         };
     }
 }

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::{SourceCtx, SourceMsg, BATCH};
+use crate::decode::cell;
 use crate::flow::Decode;
 use crate::json::Decoder;
 use crate::value::{Item, Origin, Value};
@@ -177,25 +178,6 @@ impl std::io::Read for HandOver<'_> {
     }
 }
 
-/// A CSV cell as the flow sees it: int, float, None for empty, else str.
-fn cell(s: &str) -> Value {
-    if s.is_empty() {
-        return Value::Null;
-    }
-    let digits = s.strip_prefix(['-', '+']).unwrap_or(s);
-    if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
-        if let Ok(n) = s.parse::<i64>() {
-            return Value::Int(n);
-        }
-    }
-    if s.bytes().any(|b| b.is_ascii_digit()) {
-        if let Ok(x) = s.parse::<f64>() {
-            return Value::Float(x);
-        }
-    }
-    Value::str(s)
-}
-
 fn read_csv(reader: BufReader<File>, file: &str, cx: &SourceCtx) {
     let pending = std::rc::Rc::new(std::cell::RefCell::new(Vec::with_capacity(BATCH)));
     let closed = std::rc::Rc::new(std::cell::Cell::new(false));
@@ -255,21 +237,4 @@ fn read_csv(reader: BufReader<File>, file: &str, cx: &SourceCtx) {
         }
     }
     send(cx, &mut pending.borrow_mut());
-}
-
-#[cfg(test)]
-mod tests {
-    use super::cell;
-    use crate::value::Value;
-
-    #[test]
-    fn csv_cells_become_numbers_none_or_text() {
-        assert!(matches!(cell("42"), Value::Int(42)));
-        assert!(matches!(cell("-7"), Value::Int(-7)));
-        assert!(matches!(cell("1.5"), Value::Float(x) if x == 1.5));
-        assert!(matches!(cell("1e3"), Value::Float(x) if x == 1000.0));
-        assert!(matches!(cell(""), Value::Null));
-        assert!(matches!(cell("inf"), Value::Str(_)));
-        assert!(matches!(cell("s1"), Value::Str(_)));
-    }
 }

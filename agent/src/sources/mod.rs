@@ -5,6 +5,9 @@
 //! does not change.
 
 mod file;
+mod mqtt;
+
+pub(crate) use mqtt::MqttInput;
 
 use std::path::PathBuf;
 
@@ -52,9 +55,16 @@ impl SourceCtx {
 
 /// A source as the engine will run it: the spec, possibly overridden by
 /// `runnel replay --input`.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub(crate) enum SourceConfig {
-    File { path: PathBuf, decode: Decode },
+    File {
+        path: PathBuf,
+        decode: Decode,
+    },
+    Mqtt(MqttInput),
+    /// A source that cannot run here (an MQTT input outside `runnel run`):
+    /// it reads nothing and says why.
+    Unavailable(String),
 }
 
 impl SourceConfig {
@@ -64,13 +74,19 @@ impl SourceConfig {
                 path: path.clone(),
                 decode: *decode,
             },
+            SourceSpec::Mqtt(m) => SourceConfig::Unavailable(format!(
+                "an MQTT source (broker {}) needs the agent (runnel run)",
+                m.broker
+            )),
         }
     }
 
-    /// The name items' origins show in log lines.
+    /// The name items' origins show in log lines ("<name> line N").
     pub(crate) fn origin_name(&self) -> String {
         match self {
             SourceConfig::File { path, .. } => path.display().to_string(),
+            SourceConfig::Mqtt(m) => format!("mqtt broker {} message", m.spec.broker),
+            SourceConfig::Unavailable(_) => "nothing".into(),
         }
     }
 
@@ -79,6 +95,16 @@ impl SourceConfig {
         match self {
             SourceConfig::File { path, decode } => {
                 rt.spawn_blocking(move || file::read(path, decode, cx));
+            }
+            SourceConfig::Mqtt(m) => {
+                rt.spawn(mqtt::read(m, cx));
+            }
+            SourceConfig::Unavailable(why) => {
+                cx.counters.add(&format!("{}.source_errors", cx.step_id), 1);
+                tracing::error!("flow {} input {:?}: {why}; this input is empty", cx.flow_id, cx.step_id);
+                rt.spawn(async move {
+                    let _ = cx.tx.send(SourceMsg::Eof(cx.input)).await;
+                });
             }
         }
     }

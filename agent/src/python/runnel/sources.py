@@ -6,7 +6,7 @@ counted, logged with where it came from (file and line), and skipped.
 
 from typing import Optional
 
-__all__ = ["Source", "file"]
+__all__ = ["Source", "file", "mqtt"]
 
 _DECODES = ("jsonl", "csv")
 
@@ -58,3 +58,110 @@ def file(path: str, decode: Optional[str] = None) -> Source:
     if decode not in _DECODES:
         raise ValueError(f"sources.file({path!r}): `decode` must be one of {', '.join(_DECODES)}; got {decode!r}")
     return _FileSource(os.fspath(path), decode)
+
+
+_MQTT_DECODES = ("json", "cbor", "csv", "kv", "raw")
+
+
+class _MqttSource(Source):
+    kind = "mqtt"
+
+    def __init__(self, topics, broker, qos, decode, columns, topic_field, max_payload):
+        self.topics = topics
+        self.broker = broker
+        self.qos = qos
+        self.decode = decode
+        self.columns = columns
+        self.topic_field = topic_field
+        self.max_payload = max_payload
+
+    def __repr__(self):
+        return f"sources.mqtt({self.topics!r}, broker={self.broker!r}, qos={self.qos}, decode={self.decode!r})"
+
+
+def _topic_fields(topic: str, where: str):
+    """The `{name}` levels of a topic filter, validated."""
+    names = []
+    levels = topic.split("/")
+    for i, level in enumerate(levels):
+        if level.startswith("{") and level.endswith("}") and len(level) > 2:
+            name = level[1:-1]
+            if not name.isidentifier():
+                raise ValueError(f"{where}: topic level {level!r} must name a field like {{device}}")
+            names.append(name)
+        elif "{" in level or "}" in level:
+            raise ValueError(f"{where}: a field level must be a whole level like sensors/{{device}}/temp; got {level!r}")
+        elif level == "#" and i != len(levels) - 1:
+            raise ValueError(f"{where}: '#' must be the last level of {topic!r}")
+        elif ("#" in level or "+" in level) and level not in ("#", "+"):
+            raise ValueError(f"{where}: '+' and '#' must be whole levels; got {level!r} in {topic!r}")
+    return names
+
+
+def mqtt(
+    topics,
+    *,
+    broker: str = "default",
+    qos: int = 1,
+    decode: str = "json",
+    columns=None,
+    topic_field=None,
+    max_payload: int = 262144,
+) -> Source:
+    """Subscribe to MQTT topics on a broker of the agent's config
+    (`[brokers.NAME]` in `runnel.toml`); every message becomes items.
+
+    `topics` is one topic filter or a list of them. `+` matches one level and
+    `#` the rest, as in MQTT. A level written `{name}` matches one level like
+    `+` and puts that level's text into the field `name` of every item, so a
+    flow keys by the device id in the topic without any Python per item:
+
+    ```python
+    temps = op.input("temps", flow, sources.mqtt("sensors/{device}/temp"))
+    by_device = op.key_on("by_device", temps, "device")
+    ```
+
+    `topic_field="topic"` puts the whole topic into the field `topic`.
+    Topic fields overwrite payload fields of the same name. A payload that is
+    not a dict becomes `{"value": payload}` when topic fields are asked for.
+
+    `decode`: `"json"` (one JSON value per message), `"cbor"` (one CBOR item;
+    text-keyed maps become dicts), `"csv"` (each line a row; the first line of
+    a message is its header unless `columns=[...]` names the cells), `"kv"`
+    (each line `id=a1 t=21.5 h=40`; values typed as CSV cells are), or
+    `"raw"` (the payload as a `str`). A payload that does not decode, or is
+    longer than `max_payload` bytes, is counted, logged and skipped.
+
+    `qos` is the subscription's QoS (0 or 1). A message is acknowledged to the
+    broker once its items are handed to the flow.
+
+    ```python
+    rows = op.input("rows", flow, sources.mqtt(["plant/+/csv", "plant/line2/#"],
+                                               decode="csv", columns=["ts", "temp"],
+                                               topic_field="topic"))
+    ```
+    """
+    where = f"sources.mqtt({topics!r})"
+    if isinstance(topics, str):
+        topics = [topics]
+    if not isinstance(topics, (list, tuple)) or not topics or not all(isinstance(t, str) and t for t in topics):
+        raise TypeError(f"{where}: `topics` must be a non-empty str or a list of them")
+    for t in topics:
+        _topic_fields(t, where)
+    if not isinstance(broker, str) or not broker:
+        raise TypeError(f"{where}: `broker` must name a [brokers.NAME] of the config; got {broker!r}")
+    if qos not in (0, 1):
+        raise ValueError(f"{where}: `qos` must be 0 or 1; got {qos!r}")
+    if decode not in _MQTT_DECODES:
+        raise ValueError(f"{where}: `decode` must be one of {', '.join(_MQTT_DECODES)}; got {decode!r}")
+    if columns is not None:
+        if decode != "csv":
+            raise ValueError(f"{where}: `columns` is only for decode=\"csv\"")
+        if not isinstance(columns, (list, tuple)) or not columns or not all(isinstance(c, str) and c for c in columns):
+            raise TypeError(f"{where}: `columns` must be a non-empty list of str; got {columns!r}")
+        columns = list(columns)
+    if topic_field is not None and (not isinstance(topic_field, str) or not topic_field):
+        raise TypeError(f"{where}: `topic_field` must be a non-empty str or None; got {topic_field!r}")
+    if isinstance(max_payload, bool) or not isinstance(max_payload, int) or max_payload < 1:
+        raise ValueError(f"{where}: `max_payload` must be a positive int (bytes); got {max_payload!r}")
+    return _MqttSource(list(topics), broker, qos, decode, columns, topic_field, max_payload)
