@@ -24,13 +24,14 @@ if [ ${#missing[@]} -gt 0 ]; then
     $SUDO apt-get install -y --no-install-recommends "${missing[@]}"
 fi
 
-# Bytewax 0.21.1 (the oracle) lives in its own virtualenv.
+# Bytewax 0.21.1 (the oracle) and paho-mqtt (its MQTT connectors) live in
+# their own virtualenv; one that lacks either is rebuilt.
 VENV=.venv-test
-if ! "$VENV/bin/python" -c 'import bytewax, importlib.metadata as m; assert m.version("bytewax") == "0.21.1"' 2>/dev/null; then
-    echo "run_all: creating $VENV with bytewax==0.21.1"
+if ! "$VENV/bin/python" -c 'import bytewax, paho.mqtt.client, importlib.metadata as m; assert m.version("bytewax") == "0.21.1"; assert m.version("paho-mqtt") == "2.1.0"' 2>/dev/null; then
+    echo "run_all: creating $VENV with bytewax==0.21.1 paho-mqtt==2.1.0"
     rm -rf "$VENV"
     python3 -m venv "$VENV"
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check bytewax==0.21.1
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check bytewax==0.21.1 paho-mqtt==2.1.0
 fi
 export RUNNEL_BYTEWAX_PYTHON="$PWD/$VENV/bin/python"
 
@@ -38,4 +39,7 @@ cargo build --release -p runnel
 export RUNNEL_BIN="$PWD/target/release/runnel"
 
 cargo test --workspace
+
+# The Bytewax adapter's MQTT connectors and decoders, on their own broker.
+"$RUNNEL_BYTEWAX_PYTHON" tests/oracle/mqtt_adapter_check.py
 echo "run_all: every test passed"
