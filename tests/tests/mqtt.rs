@@ -553,3 +553,70 @@ fn a_full_outbox_drops_the_oldest_with_drop_oldest_and_keeps_everything_with_blo
         assert!(agent.terminate(STOP_WITHIN).success(), "{policy}: {}", agent.stderr());
     }
 }
+
+#[test]
+fn the_status_topic_says_online_and_offline_and_stats_count_what_came_in() {
+    let s = Setup::with(
+        &aggregate_flow("json", "json"),
+        "",
+        "",
+        Keys {
+            top: "status_interval = 1",
+            ..Keys::default()
+        },
+    );
+    let dir = s.path().join("receivers");
+    std::fs::create_dir_all(&dir).unwrap();
+    let status = Receiver::start(s.ingest.port, "runnel/test-device/status", &dir, None);
+    let stats = s.stats_receiver();
+    let mut agent = s.start_agent("agent-1.log");
+    status.wait_until(ARRIVE_WITHIN, "online", |m| m.iter().any(|m| m.text() == "online"));
+    let mut expected = Expected::new();
+    publish_readings(
+        &s.ingest,
+        &[("d1", 1, 20.0), ("d2", 2, 21.0), ("d1", 3, 22.0)],
+        false,
+        &mut expected,
+    );
+    s.ingest.publish("sensors/d1/temp", b"not json", 1);
+    let got = stats.wait_until(ARRIVE_WITHIN, "stats with 3 readings in", |m| {
+        m.iter().any(|m| m.json()["flows"]["temps"]["in"] == json!(3))
+    });
+    let v = got
+        .iter()
+        .map(|m| m.json())
+        .find(|v| v["flows"]["temps"]["in"] == json!(3))
+        .unwrap();
+    assert_eq!(v["device_id"], json!("test-device"), "{v}");
+    assert_eq!(v["flows_loaded"], json!(1), "{v}");
+    let v = stats
+        .wait_until(ARRIVE_WITHIN, "a decode error counted", |m| {
+            m.iter()
+                .any(|m| m.json()["flows"]["temps"]["decode_errors"] == json!(1))
+        })
+        .last()
+        .unwrap()
+        .json();
+    assert_eq!(v["brokers"]["default"]["connected"], json!(true), "{v}");
+    assert_eq!(v["brokers"]["default"]["received"], json!(4), "{v}");
+    assert_eq!(v["brokers"]["upstream"]["connected"], json!(true), "{v}");
+
+    // kill -9: the broker publishes the last will.
+    agent.kill9();
+    status.wait_until(ARRIVE_WITHIN, "offline from the will", |m| {
+        m.last().is_some_and(|m| m.text() == "offline")
+    });
+    // Restarted, then stopped cleanly: online again, then offline, retained.
+    let mut agent = s.start_agent("agent-2.log");
+    status.wait_until(ARRIVE_WITHIN, "online again", |m| {
+        m.last().is_some_and(|m| m.text() == "online")
+    });
+    assert!(agent.terminate(STOP_WITHIN).success());
+    status.wait_until(ARRIVE_WITHIN, "offline on stop", |m| {
+        m.last().is_some_and(|m| m.text() == "offline")
+    });
+    let late = Receiver::start(s.ingest.port, "runnel/test-device/status", &dir, None);
+    late.wait_until(ARRIVE_WITHIN, "the retained status", |m| {
+        m.len() == 1 && m[0].text() == "offline"
+    });
+}
