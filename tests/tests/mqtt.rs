@@ -110,17 +110,26 @@ impl Setup {
         agent
     }
 
-    /// The agent's stats messages, as the ingest broker sees them.
-    fn stats_receiver(&self) -> Receiver {
+    /// Where receivers keep what they received.
+    fn receivers_dir(&self) -> PathBuf {
         let dir = self.path().join("receivers");
         std::fs::create_dir_all(&dir).unwrap();
-        Receiver::start(self.ingest.port, "runnel/test-device/stats", &dir, None)
+        dir
     }
 
+    /// The agent's stats messages, as the ingest broker sees them.
+    fn stats_receiver(&self) -> Receiver {
+        Receiver::start(
+            self.ingest.port,
+            "runnel/test-device/stats",
+            &self.receivers_dir(),
+            None,
+        )
+    }
+
+    /// Summaries, as the upstream broker delivers them.
     fn receiver(&self, session: Option<&str>) -> Receiver {
-        let dir = self.path().join("receivers");
-        std::fs::create_dir_all(&dir).unwrap();
-        Receiver::start(self.upstream.port, "up/#", &dir, session)
+        Receiver::start(self.upstream.port, "up/#", &self.receivers_dir(), session)
     }
 }
 
@@ -389,8 +398,7 @@ fn summaries_made_while_the_upstream_broker_is_down_arrive_in_order_after_it_ret
     }
     agent.assert_running();
     s.upstream.restart();
-    let dir = s.dir.path().join("receivers");
-    let r2 = Receiver::start(s.upstream.port, "up/#", &dir, Some("fleet-receiver"));
+    let r2 = s.receiver(Some("fleet-receiver"));
     // The newest window stays open; every earlier one must arrive.
     expected.remove(&("d1".to_string(), w - 1));
     let n = expected.len();
@@ -474,11 +482,7 @@ fn summaries_in_the_outbox_survive_kill_9_and_are_delivered_after_the_restart() 
         },
     );
     s.upstream.kill();
-    let stats = {
-        let dir = s.dir.path().join("receivers");
-        std::fs::create_dir_all(&dir).unwrap();
-        Receiver::start(s.ingest.port, "runnel/test-device/stats", &dir, None)
-    };
+    let stats = s.stats_receiver();
     let mut agent = Agent::start_logging_to(s.dir.path(), &s.config, "agent-1.log");
     agent.wait_for_log(ARRIVE_WITHIN, "connected to broker default");
     let mut expected = Expected::new();
@@ -488,8 +492,7 @@ fn summaries_in_the_outbox_survive_kill_9_and_are_delivered_after_the_restart() 
     agent.kill9();
 
     s.upstream.restart();
-    let dir = s.dir.path().join("receivers");
-    let r = Receiver::start(s.upstream.port, "up/#", &dir, None);
+    let r = s.receiver(None);
     let mut agent = Agent::start_logging_to(s.dir.path(), &s.config, "agent-2.log");
     let got = wait_for_summaries(&r, 4);
     check_summaries(&got, false, &expected);
@@ -539,8 +542,7 @@ fn a_full_outbox_drops_the_oldest_with_drop_oldest_and_keeps_everything_with_blo
             0
         };
         s.upstream.restart();
-        let dir = s.dir.path().join("receivers");
-        let r = Receiver::start(s.upstream.port, "up/#", &dir, None);
+        let r = s.receiver(None);
         // drop-oldest keeps the newest windows.
         for w in 0..dropped {
             expected.remove(&("d1".to_string(), w));
@@ -565,8 +567,7 @@ fn the_status_topic_says_online_and_offline_and_stats_count_what_came_in() {
             ..Keys::default()
         },
     );
-    let dir = s.path().join("receivers");
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = s.receivers_dir();
     let status = Receiver::start(s.ingest.port, "runnel/test-device/status", &dir, None);
     let stats = s.stats_receiver();
     let mut agent = s.start_agent("agent-1.log");
