@@ -26,8 +26,11 @@ use crate::sinks::SinkEnv;
 use crate::sources::{MqttInput, SourceConfig};
 use crate::store::{outbox::Full, OutboxPolicy, Store};
 
-/// How long flows get to stop after SIGTERM before the agent exits anyway.
-const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long flows get to stop after SIGTERM before they are abandoned.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+/// After a signal, the process exits by this time whatever still runs, so
+/// that systemd's stop never hangs.
+const HARD_STOP: Duration = Duration::from_millis(4800);
 
 pub(crate) fn run(config: Config) -> anyhow::Result<ExitCode> {
     tracing::info!(
@@ -87,15 +90,42 @@ pub(crate) fn run(config: Config) -> anyhow::Result<ExitCode> {
         store: store.clone(),
         stopping: stopping.clone(),
     });
-    let py = PyRunner::start()?;
+    let py = PyRunner::start()?.with_step_timeout(Duration::from_secs_f64(config.python_step_timeout));
+    let load_timeout = Duration::from_secs_f64(config.flow_load_timeout);
     let rt = crate::cli::runtime()?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let (conn_stop_tx, conn_stop_rx) = watch::channel(false);
     // Listen for SIGTERM before loading flows, so an early stop is clean too.
+    // SIGTERM/SIGINT stop the agent in every phase: loading, running,
+    // stopping. A second later the Python job still running is interrupted;
+    // past the hard limit the process exits anyway, naming what it abandons.
     let mut term = rt
         .block_on(async { tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) })
         .context("cannot install the SIGTERM handler")?;
-    let ctrl_c = rt.spawn(tokio::signal::ctrl_c());
+    let (signal_tx, signal_rx) = watch::channel(false);
+    {
+        let py = py.clone();
+        rt.spawn(async move {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+            }
+            let _ = signal_tx.send(true);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if let Some(job) = py.current_job() {
+                tracing::info!("interrupting {job} (runnel.Interrupted)");
+                py.interrupt("runnel is stopping");
+            }
+            tokio::time::sleep(HARD_STOP - Duration::from_secs(1)).await;
+            let what = py.current_job().map(|j| format!(": {j}")).unwrap_or_default();
+            tracing::error!(
+                "still not stopped {}s after the signal; abandoning what is still running{what}",
+                HARD_STOP.as_secs_f64()
+            );
+            std::process::exit(1);
+        });
+    }
+    let stop_requested = || *signal_rx.borrow();
 
     let mut files: Vec<_> = match std::fs::read_dir(&config.flows_dir) {
         Ok(rd) => rd
@@ -121,7 +151,11 @@ pub(crate) fn run(config: Config) -> anyhow::Result<ExitCode> {
     let mut status: Vec<FlowFigures> = Vec::new();
     let mut handles = Vec::new();
     for path in files {
-        let file = match flow::load(&py, &path) {
+        if stop_requested() {
+            tracing::info!("stopping: the remaining flow files are not loaded");
+            break;
+        }
+        let file = match flow::load(&py, &path, load_timeout) {
             Ok(f) => f,
             Err(e) => {
                 tracing::error!("flow file skipped: {e}");
@@ -168,19 +202,21 @@ pub(crate) fn run(config: Config) -> anyhow::Result<ExitCode> {
     }
 
     let conns = hub.start(&store, rt.handle(), conn_stop_rx);
+    let mut signal_wait = signal_rx.clone();
     let started = std::time::Instant::now();
     let healthy = rt.block_on(async {
         let mut health = tokio::time::interval(Duration::from_secs(1));
         let every = Duration::from_secs(config.status_interval.max(1));
         let mut status_tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         let mut log_tick = tokio::time::interval_at(tokio::time::Instant::now() + STATS_LOG_EVERY, STATS_LOG_EVERY);
-        tokio::pin!(ctrl_c);
         loop {
+            if *signal_wait.borrow() {
+                break;
+            }
             tokio::select! {
-                _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break }
-                _ = &mut ctrl_c => { tracing::info!("SIGINT: stopping"); break }
+                _ = signal_wait.changed() => {}
                 _ = status_tick.tick(), if config.status_interval > 0 => {
-                    let text = stats_json(config.device_id(), started, &status, &hub, &store);
+                    let text = stats_json(config.device_id(), started, &status, &hub, &store, py.healthy());
                     hub.publish_stats(text.as_bytes());
                 }
                 _ = log_tick.tick() => tracing::info!("{}", stats_line(&status, &hub, &store)),
@@ -213,43 +249,33 @@ pub(crate) fn run(config: Config) -> anyhow::Result<ExitCode> {
         });
     }
     drop(done_tx);
-    let started = std::time::Instant::now();
-    let deadline = started + STOP_GRACE;
+    let deadline = std::time::Instant::now() + STOP_GRACE;
     let mut stopped = 0;
-    let mut interrupted = false;
     while stopped < n {
-        let now = std::time::Instant::now();
-        // A flow still busy after a second is likely in a Python function
-        // (a loop, a sleep, a network call): interrupt it, once.
-        let wait = if interrupted {
-            deadline.saturating_duration_since(now)
-        } else {
-            Duration::from_secs(1)
-        };
-        match done_rx.recv_timeout(wait) {
+        match done_rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
             Ok(report) => {
                 crate::cli::summarize(&report);
                 stopped += 1;
             }
-            Err(_) if !interrupted => {
-                tracing::info!("interrupting the running Python function (KeyboardInterrupt)");
-                py.interrupt();
-                interrupted = true;
-            }
             Err(_) => break,
         }
     }
+    let mut clean = healthy;
     if stopped < n {
+        clean = false;
         tracing::warn!(
-            "{} flow(s) did not stop within {}s (a Python function still running?); exiting anyway",
+            "{} flow(s) did not stop within {}s{}; abandoning them",
             n - stopped,
-            STOP_GRACE.as_secs()
+            STOP_GRACE.as_secs(),
+            py.current_job()
+                .map(|j| format!(" ({j} is still running)"))
+                .unwrap_or_default()
         );
     }
     // The outbox is durable: whatever is not delivered now goes next start.
     let _ = conn_stop_tx.send(true);
     rt.block_on(async {
-        let _ = tokio::time::timeout(Duration::from_millis(1500), async {
+        let _ = tokio::time::timeout(Duration::from_millis(1000), async {
             for c in conns {
                 let _ = c.await;
             }
@@ -266,7 +292,7 @@ pub(crate) fn run(config: Config) -> anyhow::Result<ExitCode> {
     }
     rt.shutdown_background();
     tracing::info!("runnel stopped");
-    Ok(if healthy { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if clean { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 /// How often the figures go to the log (at info).
@@ -354,7 +380,14 @@ impl FlowFigures {
 }
 
 /// The stats message: one JSON object.
-fn stats_json(device_id: &str, started: std::time::Instant, flows: &[FlowFigures], hub: &Hub, store: &Store) -> String {
+fn stats_json(
+    device_id: &str,
+    started: std::time::Instant,
+    flows: &[FlowFigures],
+    hub: &Hub,
+    store: &Store,
+    python_ok: bool,
+) -> String {
     use crate::value::Value;
     use std::sync::atomic::Ordering::Relaxed;
     let s = |t: &str| Value::str(t);
@@ -398,6 +431,7 @@ fn stats_json(device_id: &str, started: std::time::Instant, flows: &[FlowFigures
         (Arc::from("device_id"), s(device_id)),
         (Arc::from("uptime_s"), n(started.elapsed().as_secs())),
         (Arc::from("flows_loaded"), n(flows.len() as u64)),
+        (Arc::from("python_ok"), Value::Bool(python_ok)),
         (Arc::from("flows"), Value::Map(flow_values)),
         (Arc::from("brokers"), Value::Map(brokers)),
     ]);

@@ -5,6 +5,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -25,6 +26,14 @@ struct Cli {
     /// Log level or tracing filter (overrides RUNNEL_LOG and the config file).
     #[arg(long, global = true)]
     log_level: Option<String>,
+    /// Seconds a flow file's top level may run before it is interrupted
+    /// (default 10; `run` reads flow_load_timeout from its config).
+    #[arg(long, global = true, value_name = "SECONDS")]
+    flow_load_timeout: Option<f64>,
+    /// Seconds one Python job (a batch at one step) may run before it is
+    /// interrupted (default 30; `run` reads python_step_timeout from its config).
+    #[arg(long, global = true, value_name = "SECONDS")]
+    python_step_timeout: Option<f64>,
     #[command(subcommand)]
     command: Command,
 }
@@ -97,9 +106,37 @@ fn init_logging(level: &str) {
 pub(crate) fn main() -> ExitCode {
     let cli = Cli::parse();
     let env_level = std::env::var("RUNNEL_LOG").ok();
+    for (flag, v) in [
+        ("--flow-load-timeout", cli.flow_load_timeout),
+        ("--python-step-timeout", cli.python_step_timeout),
+    ] {
+        if let Some(v) = v.filter(|v| !(v.is_finite() && (0.1..=86_400.0).contains(v))) {
+            init_logging("info");
+            eprintln!("error: {flag} must be between 0.1 and 86400 seconds; got {v}");
+            return ExitCode::from(2);
+        }
+    }
+    let timeouts = Timeouts {
+        load: Duration::from_secs_f64(
+            cli.flow_load_timeout
+                .unwrap_or(crate::python::LOAD_TIMEOUT.as_secs_f64()),
+        ),
+        step: Duration::from_secs_f64(
+            cli.python_step_timeout
+                .unwrap_or(crate::python::STEP_TIMEOUT.as_secs_f64()),
+        ),
+    };
     let config = match &cli.command {
         Command::Run { config } => match crate::config::Config::load(config) {
-            Ok(c) => Some(c),
+            Ok(mut c) => {
+                if let Some(t) = cli.flow_load_timeout {
+                    c.flow_load_timeout = t;
+                }
+                if let Some(t) = cli.python_step_timeout {
+                    c.python_step_timeout = t;
+                }
+                Some(c)
+            }
             Err(e) => {
                 init_logging("info");
                 eprintln!("error: {e:#}");
@@ -121,14 +158,14 @@ pub(crate) fn main() -> ExitCode {
     }
     init_logging(&level);
     let result = match cli.command {
-        Command::Check { flow } => check(&flow),
+        Command::Check { flow } => check(&flow, timeouts),
         Command::Replay {
             flow,
             inputs,
             keep_sinks,
-        } => replay(&flow, &inputs, keep_sinks),
+        } => replay(&flow, &inputs, keep_sinks, timeouts),
         Command::Run { .. } => crate::agent::run(config.expect("loaded above")),
-        Command::Demo => demo(),
+        Command::Demo => demo(timeouts),
     };
     match result {
         Ok(code) => code,
@@ -149,9 +186,16 @@ pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-fn check(path: &Path) -> anyhow::Result<ExitCode> {
-    let py = PyRunner::start()?;
-    match flow::load(&py, path) {
+/// The two Python deadlines of `check` and `replay`.
+#[derive(Clone, Copy)]
+struct Timeouts {
+    load: Duration,
+    step: Duration,
+}
+
+fn check(path: &Path, t: Timeouts) -> anyhow::Result<ExitCode> {
+    let py = PyRunner::start()?.with_step_timeout(t.step);
+    match flow::load(&py, path, t.load) {
         Ok(file) => {
             for plan in &file.flows {
                 print!("{}", flow::describe(plan));
@@ -172,8 +216,8 @@ fn check(path: &Path) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn replay(path: &Path, inputs: &[String], keep_sinks: bool) -> anyhow::Result<ExitCode> {
-    let py = PyRunner::start()?;
+fn replay(path: &Path, inputs: &[String], keep_sinks: bool, t: Timeouts) -> anyhow::Result<ExitCode> {
+    let py = PyRunner::start()?.with_step_timeout(t.step);
     // stdout carries the results; a flow's print() and op.inspect go to stderr.
     py.run(|py| {
         use pyo3::types::PyAnyMethods;
@@ -181,7 +225,7 @@ fn replay(path: &Path, inputs: &[String], keep_sinks: bool) -> anyhow::Result<Ex
         sys.setattr("stdout", sys.getattr("stderr")?)
     })?
     .context("cannot redirect Python's stdout")?;
-    let file = match flow::load(&py, path) {
+    let file = match flow::load(&py, path, t.load) {
         Ok(f) => f,
         Err(e) => {
             eprintln!("error: {e}");
@@ -300,14 +344,14 @@ pub(crate) fn summarize(report: &FlowReport) {
     );
 }
 
-fn demo() -> anyhow::Result<ExitCode> {
+fn demo(t: Timeouts) -> anyhow::Result<ExitCode> {
     let dir = std::env::temp_dir().join(format!("runnel-demo-{}", std::process::id()));
     std::fs::create_dir_all(dir.join("captures")).with_context(|| format!("cannot create {}", dir.display()))?;
     let flow_path = dir.join("demo.py");
     std::fs::write(&flow_path, DEMO_FLOW)?;
     std::fs::write(dir.join("captures/greenhouse.jsonl"), DEMO_CAPTURE)?;
     eprintln!("runnel demo: replaying the bundled flow (flows/demo.py) over the bundled greenhouse capture");
-    let result = replay(&flow_path, &[], false);
+    let result = replay(&flow_path, &[], false, t);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }

@@ -25,6 +25,14 @@ pub(crate) struct Config {
     /// Seconds between the stats messages. 0: none. (The stats log line is once a minute.)
     #[serde(default = "default_status_interval")]
     pub status_interval: u64,
+    /// Seconds a flow file may take to load (its top level) before it is
+    /// interrupted and skipped. Default 10.
+    #[serde(default = "default_flow_load_timeout")]
+    pub flow_load_timeout: f64,
+    /// Seconds one Python job (one batch at one step) may run before it is
+    /// interrupted and its items skipped. Default 30.
+    #[serde(default = "default_python_step_timeout")]
+    pub python_step_timeout: f64,
     /// MQTT brokers by name (`[brokers.NAME]`).
     #[serde(default)]
     pub brokers: BTreeMap<String, BrokerConfig>,
@@ -78,6 +86,12 @@ pub(crate) struct TlsConfig {
     pub key: Option<PathBuf>,
 }
 
+fn default_flow_load_timeout() -> f64 {
+    crate::python::LOAD_TIMEOUT.as_secs_f64()
+}
+fn default_python_step_timeout() -> f64 {
+    crate::python::STEP_TIMEOUT.as_secs_f64()
+}
 fn default_host() -> String {
     "localhost".into()
 }
@@ -125,6 +139,17 @@ impl Config {
         for dir in [&mut config.state_dir, &mut config.flows_dir] {
             if dir.is_relative() {
                 *dir = base.join(&*dir);
+            }
+        }
+        for (key, v) in [
+            ("flow_load_timeout", config.flow_load_timeout),
+            ("python_step_timeout", config.python_step_timeout),
+        ] {
+            if !(v.is_finite() && (0.1..=86_400.0).contains(&v)) {
+                anyhow::bail!(
+                    "config file {}: {key} must be between 0.1 and 86400 seconds; got {v}",
+                    path.display()
+                );
             }
         }
         for (name, b) in config.brokers.iter_mut() {

@@ -358,15 +358,20 @@ fn fmt_micros(us: Micros) -> String {
     }
 }
 
-/// Execute `path` on the Python thread and read the flows it defined.
-pub(crate) fn load(py: &PyRunner, path: &Path) -> Result<FlowFile, LoadError> {
+/// Execute `path` on the Python thread and read the flows it defined. A
+/// top level still running after `timeout` is interrupted; the error then
+/// shows where it was (the traceback of the interrupted frame).
+pub(crate) fn load(py: &PyRunner, path: &Path, timeout: std::time::Duration) -> Result<FlowFile, LoadError> {
     let source = std::fs::read_to_string(path).map_err(|e| LoadError::Read {
         path: path.display().to_string(),
         source: e,
     })?;
     let path_buf = path.to_path_buf();
-    py.run(move |py| load_on_python_thread(py, &path_buf, &source))
-        .map_err(|e| LoadError::Invalid(format!("{}: {e}", path.display())))?
+    let label = format!("loading {}", path.display());
+    py.run_watched(label, Some((timeout, "flow_load_timeout")), move |py| {
+        load_on_python_thread(py, &path_buf, &source)
+    })
+    .map_err(|e| LoadError::Invalid(format!("{}: {e}", path.display())))?
 }
 
 fn load_on_python_thread(py: Python<'_>, path: &Path, source: &str) -> Result<FlowFile, LoadError> {

@@ -203,6 +203,8 @@ fn a_namedtuple_pair_is_keyed_for_key_rm_as_in_bytewax() {
 // Fix: remember the Python thread's ident and, on stop,
 // `Python::attach(|_| PyThreadState_SetAsyncExc(ident, PyExc_KeyboardInterrupt))`
 // (busy bytecode is interrupted at once; a blocking call when it returns).
+// Since then: SIGUSR2 to the Python thread raises runnel.Interrupted, which
+// also ends blocking calls (agent/src/python/watchdog.rs).
 // ---------------------------------------------------------------------------
 
 #[test]

@@ -73,13 +73,32 @@ impl Cx {
     /// Run a job on the Python thread, counting it (`python.jobs` in the
     /// summary): a flow calls Python once per batch and Python step, never
     /// once per item, and none at all on the native path.
-    pub(crate) fn python<R, F>(&self, f: F) -> anyhow::Result<R>
+    ///
+    /// The job is interrupted past `python_step_timeout`; its remaining
+    /// items then take the fate of a raising function (see `ItemError::Interrupted`).
+    pub(crate) fn python<R, F>(&self, step: &str, f: F) -> anyhow::Result<R>
     where
         R: Send + 'static,
         F: FnOnce(pyo3::Python<'_>) -> R + Send + 'static,
     {
         self.counters.add("python.jobs", 1);
-        self.py.run(f)
+        self.py.run_step(format!("flow {} step {step:?}", self.flow_id), f)
+    }
+
+    /// Count and log (rate-limited) the items of a batch skipped because
+    /// its Python job ran past `python_step_timeout`.
+    pub(crate) fn timed_out(&self, step: &str, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.counters.add(&format!("{step}.skipped.timeout"), n);
+        let key = format!("flow {} step {step}: timeout", self.flow_id);
+        self.warnings.warn(&key, || {
+            format!(
+                "flow {} step {step:?}: its Python job was interrupted (python_step_timeout); the {n} item(s) of the batch it had not reached are skipped",
+                self.flow_id
+            )
+        });
     }
 
     /// A step is done with these items.
@@ -133,4 +152,6 @@ impl Cx {
 pub(crate) enum ItemError {
     Py(PyFailure),
     Shape(String),
+    /// Not tried: the job was interrupted before reaching this item.
+    Interrupted,
 }

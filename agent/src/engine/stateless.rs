@@ -124,7 +124,7 @@ impl Operator for PyOp {
         let n_ports = out.ports.len();
         let keep_py = self.keep_py;
         let location = self.location.clone();
-        let job = cx.python(move |py| {
+        let job = cx.python(&self.step_id, move |py| {
             run_batch(
                 py,
                 kind,
@@ -144,8 +144,14 @@ impl Operator for PyOp {
                 for (i, p) in ports.into_iter().enumerate() {
                     out.ports[i] = p;
                 }
+                let skipped = errors
+                    .iter()
+                    .filter(|(_, e)| matches!(e, ItemError::Interrupted))
+                    .count();
+                cx.timed_out(&self.step_id, skipped as u64);
                 for (at, e) in errors {
                     match e {
+                        ItemError::Interrupted => {}
                         ItemError::Py(f) => {
                             let fate = if kind == PyOpKind::Inspect {
                                 "item passed on"
@@ -227,6 +233,11 @@ fn run_batch(
     let keep = |obj: Bound<'_, PyAny>| if keep_py { py_value(obj) } else { from_py(&obj) };
     for item in batch {
         let at = item.at;
+        if crate::python::watchdog::interrupted() {
+            errors.push((at, ItemError::Interrupted));
+            husks.push(item);
+            continue;
+        }
         let result = (|| -> Result<(), ItemError> {
             match kind {
                 PyOpKind::Map => {

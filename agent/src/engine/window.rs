@@ -169,11 +169,14 @@ impl WindowOp {
                 let file = cx.file.clone();
                 let location = self.location.clone();
                 let n = values.len();
-                let res = cx.python(move |py| {
+                let res = cx.python(&self.step_id, move |py| {
                     let f = f.bind(py);
                     let stamps = values
                         .iter()
                         .map(|(_, v, _)| {
+                            if crate::python::watchdog::interrupted() {
+                                return Err(ItemError::Interrupted);
+                            }
                             let fail =
                                 |e: PyErr| ItemError::Py(PyFailure::capture(py, &e, &file).or_at(&file, &location));
                             let r = f.call1((to_py(py, v).map_err(fail)?,)).map_err(fail)?;
@@ -184,6 +187,8 @@ impl WindowOp {
                 });
                 match res {
                     Ok((values, list)) => {
+                        let skipped = list.iter().filter(|r| matches!(r, Err(ItemError::Interrupted))).count();
+                        cx.timed_out(&self.step_id, skipped as u64);
                         let stamps = list
                             .into_iter()
                             .zip(&values)
@@ -197,6 +202,7 @@ impl WindowOp {
                                     cx.skip(&self.step_id, "bad_timestamp", *at, || m);
                                     None
                                 }
+                                Err(ItemError::Interrupted) => None,
                             })
                             .collect();
                         (values, stamps)
@@ -351,13 +357,18 @@ impl WindowOp {
         let file = cx.file.clone();
         let location = self.location.clone();
         let mut states = self.py_states.take().unwrap_or_default();
-        let res = cx.python(move |py| {
+        let res = cx.python(&self.step_id, move |py| {
             let mut emitted: Vec<(Arc<str>, i64, Value)> = Vec::new();
+            let mut not_folded = 0u64;
             let mut errors: Vec<(Origin, PyFailure, &'static str)> = Vec::new();
             let mut husks: Vec<Item> = Vec::new();
             let fail = |e: PyErr| PyFailure::capture(py, &e, &file).or_at(&file, &location);
             for action in actions {
                 match action {
+                    PyAction::Fold { value, at, .. } if crate::python::watchdog::interrupted() => {
+                        not_folded += 1;
+                        husks.push(Item::new(value, at));
+                    }
                     PyAction::Fold { key, id, value, at } => {
                         let slot = match states.entry((key, id)) {
                             std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
@@ -409,10 +420,11 @@ impl WindowOp {
                     }
                 }
             }
-            (emitted, errors, states, husks)
+            (emitted, errors, states, husks, not_folded)
         });
         match res {
-            Ok((emitted, errors, states, husks)) => {
+            Ok((emitted, errors, states, husks, not_folded)) => {
+                cx.timed_out(&self.step_id, not_folded);
                 self.py_states = Some(states);
                 cx.bury(husks);
                 for (key, id, v) in emitted {

@@ -10,10 +10,12 @@
 pub(crate) mod convert;
 pub(crate) mod error;
 mod module;
+pub(crate) mod watchdog;
 
 use std::panic::AssertUnwindSafe;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::thread;
+use std::time::Duration;
 
 use pyo3::Python;
 
@@ -23,22 +25,29 @@ type Job = Box<dyn FnOnce(Python<'_>) + Send>;
 #[derive(Clone)]
 pub(crate) struct PyRunner {
     jobs: mpsc::Sender<Job>,
-    /// The Python thread's `threading.get_ident()`, to interrupt it.
-    ident: u64,
+    watch: Arc<watchdog::Watch>,
+    /// Deadline of a Python step's batch job (`python_step_timeout`).
+    step_timeout: Duration,
 }
+
+/// Defaults of `python_step_timeout` and `flow_load_timeout`.
+pub(crate) const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const LOAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl PyRunner {
     /// Start the interpreter on its own thread, with `runnel` importable.
     pub(crate) fn start() -> anyhow::Result<PyRunner> {
         let (tx, rx) = mpsc::channel::<Job>();
-        let (ready_tx, ready_rx) = mpsc::channel::<Result<u64, String>>();
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
+        let watch = watchdog::Watch::new();
+        let thread_watch = watch.clone();
         thread::Builder::new().name("runnel-python".into()).spawn(move || {
             module::register();
             Python::initialize();
+            thread_watch.set_thread();
             let setup = Python::attach(|py| {
-                use pyo3::types::PyAnyMethods;
                 module::after_start(py)?;
-                py.import("threading")?.getattr("get_ident")?.call0()?.extract::<u64>()
+                watchdog::install(py)
             });
             let _ = ready_tx.send(setup.map_err(|e| e.to_string()));
             while let Ok(job) = rx.recv() {
@@ -49,27 +58,67 @@ impl PyRunner {
             }
         })?;
         match ready_rx.recv() {
-            Ok(Ok(ident)) => Ok(PyRunner { jobs: tx, ident }),
+            Ok(Ok(())) => Ok(PyRunner {
+                jobs: tx,
+                watch,
+                step_timeout: STEP_TIMEOUT,
+            }),
             Ok(Err(e)) => anyhow::bail!("embedded Python failed to start: {e}"),
             Err(_) => anyhow::bail!("embedded Python failed to start (its thread ended)"),
         }
     }
 
-    /// Raise `KeyboardInterrupt` in whatever Python code the Python thread
-    /// is running (at its next bytecode), so a busy or sleeping user
-    /// function gives way at shutdown. Attaching waits for the GIL, so this
-    /// runs on a short-lived thread of its own and never blocks the caller.
-    pub(crate) fn interrupt(&self) {
-        let ident = self.ident;
-        let _ = thread::Builder::new().name("runnel-interrupt".into()).spawn(move || {
-            Python::attach(|_py| {
-                // SAFETY: called attached to the interpreter, with a valid
-                // thread id and a borrowed exception type.
-                unsafe {
-                    pyo3::ffi::PyThreadState_SetAsyncExc(ident as _, pyo3::ffi::PyExc_KeyboardInterrupt);
-                }
-            })
-        });
+    /// The same runner with another `python_step_timeout`.
+    pub(crate) fn with_step_timeout(mut self, t: Duration) -> PyRunner {
+        self.step_timeout = t;
+        self
+    }
+
+    /// Interrupt whatever Python code the Python thread is running, with
+    /// `runnel.Interrupted`, so a busy, sleeping or blocked user function
+    /// gives way (at shutdown). Never blocks the caller.
+    pub(crate) fn interrupt(&self, why: &str) {
+        self.watch.interrupt(why);
+    }
+
+    /// The job running on the Python thread now, if any.
+    pub(crate) fn current_job(&self) -> Option<String> {
+        self.watch.current()
+    }
+
+    /// false while a job could not be interrupted.
+    pub(crate) fn healthy(&self) -> bool {
+        self.watch.healthy()
+    }
+
+    /// `run` a Python step's job, interrupted past `python_step_timeout`.
+    pub(crate) fn run_step<R, F>(&self, label: String, f: F) -> anyhow::Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(Python<'_>) -> R + Send + 'static,
+    {
+        self.run_watched(label, Some((self.step_timeout, "python_step_timeout")), f)
+    }
+
+    /// `run`, interrupted once `deadline` (how long, and the config key
+    /// that sets it) has passed; `label` names the job in log lines.
+    pub(crate) fn run_watched<R, F>(
+        &self,
+        label: String,
+        deadline: Option<(Duration, &'static str)>,
+        f: F,
+    ) -> anyhow::Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(Python<'_>) -> R + Send + 'static,
+    {
+        let watch = self.watch.clone();
+        self.run(move |py| {
+            watch.begin(label, deadline);
+            let r = f(py);
+            watch.end(py);
+            r
+        })
     }
 
     /// Run `f` on the Python thread and wait for its result.

@@ -147,7 +147,9 @@ impl Operator for OutputOp {
         cx.counters.add(&format!("{}.items", self.step_id), batch.len() as u64);
         if batch.iter().any(|i| i.v.has_py()) {
             let values: Vec<Value> = batch.into_iter().map(|i| i.v).collect();
-            match cx.python(move |py| values.into_iter().map(|v| resolve_for_json(py, v)).collect::<Vec<_>>()) {
+            match cx.python(&self.step_id, move |py| {
+                values.into_iter().map(|v| resolve_for_json(py, v)).collect::<Vec<_>>()
+            }) {
                 Ok(values) => self.write(cx, &values),
                 Err(e) => tracing::error!(
                     "flow {} output {:?}: could not render items: {e}",
