@@ -60,7 +60,8 @@ def mqtt(
     `value`; a keyed item `(key, value)` has no `window`; anything else only
     `value`. `id` names the result (`device/flow/step/key/window`, or
     `.../#seq` for items without a window) and `seq` counts this sink's
-    messages, so a receiver can drop a resent duplicate.
+    messages: a resent duplicate has the same `id` and `seq`, so a receiver
+    drops it by `(device_id, flow, step, seq)`.
 
     ```python
     op.output("up", stats.down, sinks.mqtt("fleet/{device_id}/{flow}/{key}"))

@@ -22,8 +22,13 @@ use super::link::{self, Ev, LinkOptions};
 use super::{Ack, AckToken, BrokerStats, Delivery, Route};
 use crate::store::{Op, Store};
 
-/// Outbox entries in flight at once (below mosquitto's default of 20).
-const WINDOW: usize = 16;
+/// Outbox entries in flight at once. A window result burst (every key's
+/// window closing at one boundary) drains at WINDOW per round trip; MQTT 5
+/// brokers may ask for fewer (Receive Maximum), which rumqttc honours by
+/// holding the rest in its queue, in order.
+const WINDOW: usize = 64;
+/// Refill the window once this much of it is free (one outbox read each time).
+const REFILL: usize = WINDOW / 4;
 /// Payload bytes of QoS 0 messages a slow source may have queued before
 /// new ones are dropped (QoS 1 is bounded by the broker's in-flight window).
 const QOS0_QUEUE_BYTES: usize = 16 << 20;
@@ -195,7 +200,10 @@ impl Conn {
                         done.push(seq);
                         self.stats.delivered.fetch_add(1, Ordering::Relaxed);
                     }
-                    self.fill(&client, &mut sent, &awaiting, &mut cursor);
+                    let in_flight = sent.len() + awaiting.len();
+                    if in_flight == 0 || WINDOW - in_flight >= REFILL {
+                        self.fill(&client, &mut sent, &awaiting, &mut cursor);
+                    }
                 }
                 Ok(Ev::PubRejected(pkid, reason)) => {
                     // Resending would be refused again and hold up every

@@ -261,7 +261,16 @@ fn writer(
 }
 
 fn apply(db: &Database, boxes: &outbox::Outboxes, batch: &mut [Request]) -> Result<(), String> {
-    let txn = db.begin_write().map_err(|e| e.to_string())?;
+    let mut txn = db.begin_write().map_err(|e| e.to_string())?;
+    // Deleting acknowledged entries need not reach the disk at once: lost
+    // in a crash, they are only sent again (same id and seq), and the next
+    // durable commit persists them. That saves an fsync per acknowledgement.
+    let only_deletes = batch
+        .iter()
+        .all(|r| r.ops.iter().all(|op| matches!(op, Op::Delete { .. })));
+    if only_deletes {
+        txn.set_durability(redb::Durability::None).map_err(|e| e.to_string())?;
+    }
     let mut changes = outbox::Changes::default();
     {
         let mut table = txn.open_table(OUTBOX).map_err(|e| e.to_string())?;

@@ -93,7 +93,8 @@ def mqtt(topic: str, *, broker: str = "upstream", qos: int = 1, encode: str = "j
     `value`; a keyed item `(key, value)` has no `window`; anything else only
     `value`. `id` names the result (`device/flow/step/key/window`, or
     `.../#seq` for items without a window) and `seq` counts this sink's
-    messages, so a receiver can drop a resent duplicate.
+    messages: a resent duplicate has the same `id` and `seq`, so a receiver
+    drops it by `(device_id, flow, step, seq)`.
 
     ```python
     op.output("up", stats.down, sinks.mqtt("fleet/{device_id}/{flow}/{key}"))
