@@ -106,20 +106,36 @@ pub(crate) fn run(config: Config) -> anyhow::Result<ExitCode> {
     {
         let py = py.clone();
         rt.spawn(async move {
+            let mut ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
             tokio::select! {
                 _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+                _ = &mut ctrl_c => tracing::info!("SIGINT: stopping"),
             }
+            py.stop_all();
             let _ = signal_tx.send(true);
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            if let Some(job) = py.current_job() {
-                tracing::info!("interrupting {job} (runnel.Interrupted)");
-                py.interrupt("runnel is stopping");
-            }
-            tokio::time::sleep(HARD_STOP - Duration::from_secs(1)).await;
-            let what = py.current_job().map(|j| format!(": {j}")).unwrap_or_default();
+            let second = async {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            };
+            let stages = async {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if let Some(job) = py.interrupt("runnel is stopping") {
+                    tracing::info!("interrupting {job} (runnel.Interrupted)");
+                }
+                tokio::time::sleep(HARD_STOP - Duration::from_secs(1)).await;
+            };
+            let why = tokio::select! {
+                _ = second => "a second signal came",
+                _ = stages => "still not stopped",
+            };
+            let what = py
+                .current_job()
+                .map(|j| format!("; still running: {j}"))
+                .unwrap_or_default();
             tracing::error!(
-                "still not stopped {}s after the signal; abandoning what is still running{what}",
+                "{why} {:.1}s after the first; exiting now, abandoning what still runs{what}",
                 HARD_STOP.as_secs_f64()
             );
             std::process::exit(1);
@@ -235,6 +251,7 @@ pub(crate) fn run(config: Config) -> anyhow::Result<ExitCode> {
         true
     });
     stopping.store(true, std::sync::atomic::Ordering::Relaxed);
+    py.stop_all();
     // Messages taken from now on may never be processed: let the brokers keep them.
     hub.stop_acks();
     let _ = stop_tx.send(true);
@@ -260,17 +277,15 @@ pub(crate) fn run(config: Config) -> anyhow::Result<ExitCode> {
             Err(_) => break,
         }
     }
-    let mut clean = healthy;
     if stopped < n {
-        clean = false;
-        tracing::warn!(
-            "{} flow(s) did not stop within {}s{}; abandoning them",
+        py.note_abandoned(format!(
+            "{} flow(s) that did not stop within {}s{}",
             n - stopped,
             STOP_GRACE.as_secs(),
             py.current_job()
                 .map(|j| format!(" ({j} is still running)"))
                 .unwrap_or_default()
-        );
+        ));
     }
     // The outbox is durable: whatever is not delivered now goes next start.
     let _ = conn_stop_tx.send(true);
@@ -290,9 +305,18 @@ pub(crate) fn run(config: Config) -> anyhow::Result<ExitCode> {
             );
         }
     }
+    store.flush();
     rt.shutdown_background();
-    tracing::info!("runnel stopped");
-    Ok(if clean { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    let abandoned = py.abandoned();
+    if abandoned.is_empty() && healthy {
+        tracing::info!("runnel stopped");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        if !abandoned.is_empty() {
+            tracing::warn!("runnel stopped, abandoning: {}", abandoned.join("; "));
+        }
+        Ok(ExitCode::FAILURE)
+    }
 }
 
 /// How often the figures go to the log (at info).

@@ -27,11 +27,11 @@ struct Cli {
     #[arg(long, global = true)]
     log_level: Option<String>,
     /// Seconds a flow file's top level may run before it is interrupted
-    /// (default 10; `run` reads flow_load_timeout from its config).
+    /// (default 10; for `run`, overrides flow_load_timeout of its config).
     #[arg(long, global = true, value_name = "SECONDS")]
     flow_load_timeout: Option<f64>,
     /// Seconds one Python job (a batch at one step) may run before it is
-    /// interrupted (default 30; `run` reads python_step_timeout from its config).
+    /// interrupted (default 30; for `run`, overrides python_step_timeout of its config).
     #[arg(long, global = true, value_name = "SECONDS")]
     python_step_timeout: Option<f64>,
     #[command(subcommand)]

@@ -368,7 +368,7 @@ pub(crate) fn load(py: &PyRunner, path: &Path, timeout: std::time::Duration) -> 
     })?;
     let path_buf = path.to_path_buf();
     let label = format!("loading {}", path.display());
-    py.run_watched(label, Some((timeout, "flow_load_timeout")), move |py| {
+    py.run_bounded(label, (timeout, "flow_load_timeout"), move |py| {
         load_on_python_thread(py, &path_buf, &source)
     })
     .map_err(|e| LoadError::Invalid(format!("{}: {e}", path.display())))?

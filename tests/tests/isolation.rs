@@ -113,7 +113,11 @@ fn sigterm_during_a_hanging_load_stops_the_agent_in_time() {
     agent.wait_for_log(Duration::from_secs(20), "runnel 0.1.0 starting");
     thread::sleep(Duration::from_millis(500));
     let (code, log) = sigterm_after(&mut agent, "starting");
-    assert_eq!(code, Some(0), "{log}");
+    assert_eq!(code, Some(1), "the load was abandoned: not a clean stop\n{log}");
+    assert!(
+        log.contains("runnel stopped, abandoning: loading"),
+        "names what it abandoned:\n{log}"
+    );
     assert!(
         log.contains("interrupting loading"),
         "names what it interrupted:\n{log}"
@@ -135,8 +139,12 @@ fn sigterm_during_a_blocking_python_step_stops_the_agent_in_time() {
     agent.wait_for_log(Duration::from_secs(20), "starting flow");
     thread::sleep(Duration::from_millis(800));
     let (code, log) = sigterm_after(&mut agent, "starting flow");
-    assert_eq!(code, Some(0), "{log}");
+    assert_eq!(code, Some(1), "the step was abandoned: not a clean stop\n{log}");
     assert!(log.contains("interrupting flow block step \"py_map\""), "{log}");
+    assert!(
+        log.contains("runnel stopped, abandoning: flow block step \"py_map\" (interrupted)"),
+        "{log}"
+    );
 }
 
 #[test]
@@ -262,4 +270,27 @@ fn code_python_cannot_interrupt_is_reported_and_sigterm_still_ends_the_process()
         "something was abandoned: not a clean exit\n{log}"
     );
     assert!(log.contains("abandoning"), "{log}");
+}
+
+#[test]
+fn a_load_that_swallows_the_interrupt_is_ended_by_the_second_one() {
+    let dir = tempfile::tempdir().unwrap();
+    // A retry loop with a bare `except:` catches runnel.Interrupted too.
+    let flow = write_file(
+        dir.path(),
+        "retry.py",
+        "import time\n\nwhile True:\n    try:\n        time.sleep(1)\n    except:\n        pass\n",
+    );
+    let started = Instant::now();
+    let out = runnel_command(dir.path())
+        .args(["check", "--flow-load-timeout", "1"])
+        .arg(&flow)
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(took < Duration::from_secs(5), "took {took:?}: {err}");
+    assert!(err.contains("retry.py:"), "{err}");
+    assert!(err.contains("Interrupted: loading"), "{err}");
 }

@@ -233,7 +233,15 @@ fn sigterm_interrupts_a_busy_python_function_and_the_flow_stops_cleanly() {
         }
     });
     let status = agent.terminate(Duration::from_secs(10));
-    assert_eq!(status.code(), Some(0), "{}", agent.stderr());
+    // Interrupting the function abandons its item: exit 1, saying so (issue 9).
+    assert_eq!(status.code(), Some(1), "{}", agent.stderr());
+    assert!(
+        agent
+            .stderr()
+            .contains("abandoning: flow busy step \"busy\" (interrupted)"),
+        "{}",
+        agent.stderr()
+    );
     let log = agent.stderr();
     assert!(!log.contains("did not stop within"), "the flow was abandoned:\n{log}");
     assert!(

@@ -95,7 +95,7 @@ impl Cx {
         let key = format!("flow {} step {step}: timeout", self.flow_id);
         self.warnings.warn(&key, || {
             format!(
-                "flow {} step {step:?}: its Python job was interrupted (python_step_timeout); the {n} item(s) of the batch it had not reached are skipped",
+                "flow {} step {step:?}: its Python job was interrupted (python_step_timeout passed, or runnel is stopping); the {n} item(s) of the batch it had not reached are skipped",
                 self.flow_id
             )
         });

@@ -234,8 +234,13 @@ fn run_batch(
     for item in batch {
         let at = item.at;
         if crate::python::watchdog::interrupted() {
-            errors.push((at, ItemError::Interrupted));
-            husks.push(item);
+            if kind == PyOpKind::Inspect {
+                // An inspector's failure never stops an item.
+                ports[0].push(item);
+            } else {
+                errors.push((at, ItemError::Interrupted));
+                husks.push(item);
+            }
             continue;
         }
         let result = (|| -> Result<(), ItemError> {

@@ -201,7 +201,7 @@ impl Conn {
                         self.stats.delivered.fetch_add(1, Ordering::Relaxed);
                     }
                     let in_flight = sent.len() + awaiting.len();
-                    if in_flight == 0 || WINDOW - in_flight >= REFILL {
+                    if in_flight == 0 || WINDOW.saturating_sub(in_flight) >= REFILL {
                         self.fill(&client, &mut sent, &awaiting, &mut cursor);
                     }
                 }
@@ -224,6 +224,9 @@ impl Conn {
                     Some((Tag::Outbox(seq), 0)) => {
                         done.push(seq);
                         self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                        if WINDOW.saturating_sub(sent.len() + awaiting.len()) >= REFILL {
+                            self.fill(&client, &mut sent, &awaiting, &mut cursor);
+                        }
                     }
                     Some((Tag::Status, 0)) => {}
                     Some((tag, _)) => {

@@ -76,9 +76,24 @@ impl PyRunner {
 
     /// Interrupt whatever Python code the Python thread is running, with
     /// `runnel.Interrupted`, so a busy, sleeping or blocked user function
-    /// gives way (at shutdown). Never blocks the caller.
-    pub(crate) fn interrupt(&self, why: &str) {
-        self.watch.interrupt(why);
+    /// gives way. Never blocks the caller. Returns what was interrupted.
+    pub(crate) fn interrupt(&self, why: &str) -> Option<String> {
+        self.watch.interrupt(why)
+    }
+
+    /// The agent is stopping: a Python job from now on gets a second at
+    /// most, and what is interrupted counts as abandoned.
+    pub(crate) fn stop_all(&self) {
+        self.watch.stop_all();
+    }
+
+    /// Note work given up while stopping; `abandoned()` lists it.
+    pub(crate) fn note_abandoned(&self, what: String) {
+        self.watch.abandoned(what);
+    }
+
+    pub(crate) fn abandoned(&self) -> Vec<String> {
+        self.watch.take_abandoned()
     }
 
     /// The job running on the Python thread now, if any.
@@ -115,10 +130,41 @@ impl PyRunner {
         let watch = self.watch.clone();
         self.run(move |py| {
             watch.begin(label, deadline);
-            let r = f(py);
-            watch.end(py);
-            r
+            let _end = watchdog::JobGuard { watch: &watch, py };
+            f(py)
         })
+    }
+
+    /// `run_watched`, but the caller waits no longer than the deadline, the
+    /// time an interrupted job gets to give way, and a second: a job stuck
+    /// in code Python cannot interrupt keeps the Python thread, but not the
+    /// caller (a flow file's load: `check` must end, `run` go on).
+    pub(crate) fn run_bounded<R, F>(&self, label: String, deadline: (Duration, &'static str), f: F) -> anyhow::Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(Python<'_>) -> R + Send + 'static,
+    {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let watch = self.watch.clone();
+        let shown = label.clone();
+        self.jobs
+            .send(Box::new(move |py| {
+                watch.begin(label, Some(deadline));
+                let _end = watchdog::JobGuard { watch: &watch, py };
+                let _ = tx.send(f(py));
+            }))
+            .map_err(|_| anyhow::anyhow!("the Python thread has stopped"))?;
+        let limit = deadline.0 + watchdog::GIVE_WAY + Duration::from_secs(1);
+        match rx.recv_timeout(limit) {
+            Ok(r) => Ok(r),
+            Err(mpsc::RecvTimeoutError::Timeout) => anyhow::bail!(
+                "{shown} did not end within {}s, and could not be interrupted (code Python cannot interrupt, such as a C extension call); the Python thread stays busy with it",
+                limit.as_secs()
+            ),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                anyhow::bail!("a job on the Python thread failed (see the log above)")
+            }
+        }
     }
 
     /// Run `f` on the Python thread and wait for its result.

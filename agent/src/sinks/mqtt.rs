@@ -223,6 +223,10 @@ impl MqttSink {
             if !boxes.wait_for_room(&self.broker, first, &|| stopping.load(Ordering::Relaxed)) {
                 let n = entries.count() as u64;
                 cx.counters.add(&format!("{step}.write_errors"), n);
+                cx.py.note_abandoned(format!(
+                    "{n} message(s) of flow {} output {step:?} that did not fit in the full outbox",
+                    cx.flow_id
+                ));
                 tracing::error!(
                     "flow {} output {step:?}: stopping while the outbox of broker {} is full; {n} message(s) not written",
                     cx.flow_id,

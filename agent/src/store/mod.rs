@@ -48,6 +48,8 @@ pub(crate) enum Op {
 struct Request {
     ops: Vec<Op>,
     done: Option<mpsc::Sender<Result<(), String>>>,
+    /// Make this commit durable even if it only deletes.
+    durable: bool,
 }
 
 /// A handle to the store; cheap to clone.
@@ -123,7 +125,11 @@ impl Store {
     pub(crate) fn commit(&self, ops: Vec<Op>) -> Result<(), String> {
         let (done, wait) = mpsc::channel();
         self.tx
-            .send(Request { ops, done: Some(done) })
+            .send(Request {
+                ops,
+                done: Some(done),
+                durable: true,
+            })
             .map_err(|_| "the store writer has stopped".to_string())?;
         wait.recv()
             .unwrap_or_else(|_| Err("the store writer has stopped".into()))
@@ -131,7 +137,17 @@ impl Store {
 
     /// Apply `ops` in the next commit without waiting.
     pub(crate) fn submit(&self, ops: Vec<Op>) {
-        let _ = self.tx.send(Request { ops, done: None });
+        let _ = self.tx.send(Request {
+            ops,
+            done: None,
+            durable: false,
+        });
+    }
+
+    /// Make everything committed so far durable (at shutdown: the deletes
+    /// of acknowledged entries are committed without an fsync).
+    pub(crate) fn flush(&self) {
+        let _ = self.commit(Vec::new());
     }
 
     /// Why the state file can no longer be written, if it cannot.
@@ -240,12 +256,35 @@ fn writer(
     failed: Arc<Mutex<Option<String>>>,
 ) {
     let warnings = crate::metrics::Warnings::default();
-    while let Ok(first) = rx.recv() {
+    // Whether commits without an fsync are waiting for a durable one.
+    let mut lazy = false;
+    loop {
+        let first = if lazy {
+            match rx.recv_timeout(LAZY_FOR) {
+                Ok(r) => r,
+                Err(mpsc::RecvTimeoutError::Timeout) => Request {
+                    ops: Vec::new(),
+                    done: None,
+                    durable: true,
+                },
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        } else {
+            match rx.recv() {
+                Ok(r) => r,
+                Err(_) => break,
+            }
+        };
         let mut batch = vec![first];
         while let Ok(more) = rx.try_recv() {
             batch.push(more);
         }
-        let result = apply(&db, &boxes, &mut batch);
+        let durable = batch
+            .iter()
+            .any(|r| r.durable || r.ops.iter().any(|op| !matches!(op, Op::Delete { .. })));
+        let result = apply(&db, &boxes, &mut batch, durable);
+        // After a failed commit, try a durable one again later.
+        lazy = !durable || result.is_err();
         if let Err(e) = &result {
             warnings.warn("state file: commit failed", || format!("state file commit failed: {e}"));
             if e.contains("I/O") {
@@ -260,15 +299,16 @@ fn writer(
     }
 }
 
-fn apply(db: &Database, boxes: &outbox::Outboxes, batch: &mut [Request]) -> Result<(), String> {
+/// How long commits without an fsync may wait before an empty durable one.
+const LAZY_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Apply a batch in one transaction. Deleting acknowledged entries need not
+/// reach the disk at once (`durable` false): lost in a crash, they are only
+/// sent again (same id and seq); the next durable commit (within `LAZY_FOR`,
+/// or at shutdown) persists them. That saves an fsync per acknowledgement.
+fn apply(db: &Database, boxes: &outbox::Outboxes, batch: &mut [Request], durable: bool) -> Result<(), String> {
     let mut txn = db.begin_write().map_err(|e| e.to_string())?;
-    // Deleting acknowledged entries need not reach the disk at once: lost
-    // in a crash, they are only sent again (same id and seq), and the next
-    // durable commit persists them. That saves an fsync per acknowledgement.
-    let only_deletes = batch
-        .iter()
-        .all(|r| r.ops.iter().all(|op| matches!(op, Op::Delete { .. })));
-    if only_deletes {
+    if !durable {
         txn.set_durability(redb::Durability::None).map_err(|e| e.to_string())?;
     }
     let mut changes = outbox::Changes::default();
