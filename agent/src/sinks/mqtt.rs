@@ -1,7 +1,8 @@
 //! The MQTT sink: renders each item as a message (an envelope with a
-//! stable `id` and a per-sink `seq`) and commits it to the broker's outbox
-//! before the engine moves on. Delivery from there is the broker
-//! connection's job (`mqtt/conn.rs`).
+//! stable `id` and a per-sink `seq`) and hands it to the store's writer for
+//! the broker's outbox (with `outbox_full = "block"` it waits for the
+//! commit). Delivery from there is the broker connection's job
+//! (`mqtt/conn.rs`), which only ever sees committed entries.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -234,6 +235,8 @@ impl MqttSink {
                 );
                 return;
             }
+            // `block` waits for each commit, so that the bound holds exactly.
+            let blocking = boxes.room(&self.broker).is_some();
             let mut room = boxes.room(&self.broker).unwrap_or(u64::MAX);
             let mut chunk = Vec::new();
             while let Some((seq, e)) = entries.next_if(|(_, e)| chunk.is_empty() || e.charge_in(&self.broker) <= room) {
@@ -242,12 +245,25 @@ impl MqttSink {
                 chunk.push(e);
             }
             let n = chunk.len() as u64;
-            match self.env.store.commit(vec![Op::Append {
+            let append = vec![Op::Append {
                 broker: self.broker.clone(),
                 sink: self.name.clone(),
                 last_seq: next_seq,
                 entries: chunk,
-            }]) {
+            }];
+            if !blocking {
+                // Hand the entries to the writer and go on: appends queued
+                // while it syncs share the next commit, so a burst of results
+                // (every key's window closing at one boundary) costs a few
+                // fsyncs, not one per engine batch. Nothing is less durable
+                // than waiting would make it: the results exist nowhere else
+                // until the commit either way (window state is not kept yet).
+                self.env.store.submit(append);
+                self.seq = next_seq;
+                cx.counters.add(&format!("{step}.queued"), n);
+                continue;
+            }
+            match self.env.store.commit(append) {
                 Ok(()) => {
                     self.seq = next_seq;
                     cx.counters.add(&format!("{step}.queued"), n);

@@ -135,7 +135,8 @@ impl Store {
             .unwrap_or_else(|_| Err("the store writer has stopped".into()))
     }
 
-    /// Apply `ops` in the next commit without waiting.
+    /// Apply `ops` in the next commit without waiting (a failed commit is
+    /// logged by the writer, and an I/O failure stops the agent).
     pub(crate) fn submit(&self, ops: Vec<Op>) {
         let _ = self.tx.send(Request {
             ops,
