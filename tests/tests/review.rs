@@ -667,7 +667,9 @@ fn sigterm_stops_the_agent_within_seconds_while_a_python_function_is_still_runni
     let status = agent.terminate(Duration::from_secs(10));
     // The sleeping function is interrupted, its item abandoned: exit 1 (issue 9).
     assert_eq!(status.code(), Some(1), "{}", agent.stderr());
-    assert!(agent.stderr().contains("abandoning: flow slow step \"slow\" (interrupted)"));
+    assert!(agent
+        .stderr()
+        .contains("abandoning: flow slow step \"slow\" (interrupted)"));
 }
 
 // BUG (live semantics): op.collect's timeout counts from the list's first
