@@ -307,8 +307,11 @@ pub(crate) fn run(config: Config) -> anyhow::Result<ExitCode> {
     }
     store.flush();
     rt.shutdown_background();
+    if let Some(job) = py.current_job() {
+        py.note_abandoned(format!("{job} (still running)"));
+    }
     let abandoned = py.abandoned();
-    if abandoned.is_empty() && healthy {
+    if abandoned.is_empty() && healthy && py.healthy() {
         tracing::info!("runnel stopped");
         Ok(ExitCode::SUCCESS)
     } else {

@@ -136,33 +136,58 @@ impl PyRunner {
     }
 
     /// `run_watched`, but the caller waits no longer than the deadline, the
-    /// time an interrupted job gets to give way, and a second: a job stuck
-    /// in code Python cannot interrupt keeps the Python thread, but not the
-    /// caller (a flow file's load: `check` must end, `run` go on).
+    /// time an interrupted job gets to give way, and a second, counted from
+    /// when the job starts: a job stuck in code Python cannot interrupt
+    /// keeps the Python thread, but not the caller (a flow file's load:
+    /// `check` must end, `run` go on). While the thread is busy with an
+    /// earlier job, the caller waits for it, unless that job is stuck.
     pub(crate) fn run_bounded<R, F>(&self, label: String, deadline: (Duration, &'static str), f: F) -> anyhow::Result<R>
     where
         R: Send + 'static,
         F: FnOnce(Python<'_>) -> R + Send + 'static,
     {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Mutex;
         let (tx, rx) = mpsc::sync_channel(1);
         let watch = self.watch.clone();
         let shown = label.clone();
+        let started: Arc<Mutex<Option<std::time::Instant>>> = Arc::default();
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let (job_started, job_cancelled) = (started.clone(), cancelled.clone());
         self.jobs
             .send(Box::new(move |py| {
+                if job_cancelled.load(Ordering::SeqCst) {
+                    return; // its caller gave up before it began
+                }
+                *job_started.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
                 watch.begin(label, Some(deadline));
                 let _end = watchdog::JobGuard { watch: &watch, py };
                 let _ = tx.send(f(py));
             }))
             .map_err(|_| anyhow::anyhow!("the Python thread has stopped"))?;
         let limit = deadline.0 + watchdog::GIVE_WAY + Duration::from_secs(1);
-        match rx.recv_timeout(limit) {
-            Ok(r) => Ok(r),
-            Err(mpsc::RecvTimeoutError::Timeout) => anyhow::bail!(
-                "{shown} did not end within {}s, and could not be interrupted (code Python cannot interrupt, such as a C extension call); the Python thread stays busy with it",
-                limit.as_secs()
-            ),
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                anyhow::bail!("a job on the Python thread failed (see the log above)")
+        loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(r) => return Ok(r),
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    anyhow::bail!("a job on the Python thread failed (see the log above)")
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            let began = *started.lock().unwrap_or_else(|p| p.into_inner());
+            match began {
+                Some(t) if t.elapsed() >= limit => anyhow::bail!(
+                    "{shown} did not end within {}s, and could not be interrupted (code Python cannot interrupt, such as a C extension call); the Python thread stays busy with it",
+                    limit.as_secs()
+                ),
+                None if !self.watch.healthy() => {
+                    cancelled.store(true, Ordering::SeqCst);
+                    anyhow::bail!(
+                        "{shown} cannot start: the Python thread is stuck in {} (code Python cannot interrupt)",
+                        self.watch.current().unwrap_or_else(|| "an earlier job".into())
+                    )
+                }
+                _ => {}
             }
         }
     }

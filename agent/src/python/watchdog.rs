@@ -43,6 +43,9 @@ static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 static REASON: Mutex<String> = Mutex::new(String::new());
 /// The trace function of the later strikes (it returns itself).
 static TRACER: std::sync::OnceLock<Py<PyAny>> = std::sync::OnceLock::new();
+/// The trace function the job had before a strike replaced it (restored
+/// at the job's end), if a strike did.
+static REPLACED_TRACE: Mutex<Option<Py<PyAny>>> = Mutex::new(None);
 
 /// Whether the job running now was interrupted (for loops over a batch:
 /// the rest of the batch takes the interrupted item's fate).
@@ -93,7 +96,13 @@ pub(super) fn install(py: Python<'_>) -> PyResult<()> {
             if STRIKES.load(Ordering::SeqCst) >= 2 {
                 let py = args.py();
                 let tracer = tracer.bind(py);
-                py.import("sys")?.call_method1("settrace", (tracer,))?;
+                let sys = py.import("sys")?;
+                let mut replaced = REPLACED_TRACE.lock().unwrap_or_else(|p| p.into_inner());
+                if replaced.is_none() {
+                    *replaced = Some(sys.call_method0("gettrace")?.unbind());
+                }
+                drop(replaced);
+                sys.call_method1("settrace", (tracer,))?;
                 // settrace reaches new frames; the job's frames get it directly.
                 let mut frame = args.get_item(1).ok().filter(|f| !f.is_none());
                 while let Some(f) = frame {
@@ -177,6 +186,7 @@ impl Watch {
     pub(super) fn begin(&self, label: String, deadline: Option<(Duration, &'static str)>) {
         let generation = self.next_generation.fetch_add(1, Ordering::SeqCst);
         INTERRUPTED.store(false, Ordering::SeqCst);
+        STRIKES.store(0, Ordering::SeqCst);
         // While stopping, no job may take longer than a second.
         let deadline = if self.stopping.load(Ordering::SeqCst) {
             Some((STOPPING_JOB, "stopping"))
@@ -199,8 +209,9 @@ impl Watch {
     pub(super) fn end(&self, py: Python<'_>) {
         let r = self.lock().take();
         ARMED.store(0, Ordering::SeqCst);
-        if STRIKES.load(Ordering::SeqCst) >= 2 {
-            let _ = py.import("sys").and_then(|s| s.call_method1("settrace", (py.None(),)));
+        let replaced = REPLACED_TRACE.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(previous) = replaced {
+            let _ = py.import("sys").and_then(|s| s.call_method1("settrace", (previous,)));
         }
         let _ = py.check_signals();
         INTERRUPTED.store(false, Ordering::SeqCst);

@@ -21,6 +21,10 @@ pub(crate) struct SinkEnv {
     pub stopping: Arc<AtomicBool>,
 }
 
+/// How long a `block` sink waits for room once the agent stops (the flows
+/// get 3 s in all).
+const GIVE_UP_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// MQTT topics are at most 65535 bytes.
 const MAX_TOPIC: usize = 65_535;
 /// Messages beyond what runnel's connections write would fail the
@@ -43,6 +47,8 @@ pub(crate) struct MqttSink {
     /// `flow/step`: the name of this sink's seq in the store.
     name: Arc<str>,
     seq: u64,
+    /// Commits handed to the writer and not yet answered: (entries, answer).
+    in_flight: std::collections::VecDeque<(u64, std::sync::mpsc::Receiver<Result<(), String>>)>,
 }
 
 fn parse_template(t: &str) -> Vec<Part> {
@@ -103,6 +109,7 @@ impl MqttSink {
             env,
             name,
             seq,
+            in_flight: Default::default(),
         }
     }
 
@@ -221,7 +228,18 @@ impl MqttSink {
             let first = entries.peek().map(|(_, e)| e.charge_in(&self.broker)).unwrap_or(0);
             let stopping = self.env.stopping.clone();
             let boxes = self.env.store.outboxes();
-            if !boxes.wait_for_room(&self.broker, first, &|| stopping.load(Ordering::Relaxed)) {
+            // While the agent stops, the forwarder may still make room: give
+            // up only after GIVE_UP_AFTER of stopping.
+            let since: std::cell::Cell<Option<std::time::Instant>> = Default::default();
+            let give_up = || {
+                if !stopping.load(Ordering::Relaxed) {
+                    return false;
+                }
+                let t = since.get().unwrap_or_else(std::time::Instant::now);
+                since.set(Some(t));
+                t.elapsed() >= GIVE_UP_AFTER
+            };
+            if !boxes.wait_for_room(&self.broker, first, &give_up) {
                 let n = entries.count() as u64;
                 cx.counters.add(&format!("{step}.write_errors"), n);
                 cx.py.note_abandoned(format!(
@@ -258,7 +276,10 @@ impl MqttSink {
                 // fsyncs, not one per engine batch. Nothing is less durable
                 // than waiting would make it: the results exist nowhere else
                 // until the commit either way (window state is not kept yet).
-                self.env.store.submit(append);
+                // At most IN_FLIGHT commits are waited for, so a slow disk
+                // holds the flow back instead of filling memory.
+                self.settle(cx, step, IN_FLIGHT - 1);
+                self.in_flight.push_back((n, self.env.store.submit_tracked(append)));
                 self.seq = next_seq;
                 cx.counters.add(&format!("{step}.queued"), n);
                 continue;
@@ -282,6 +303,42 @@ impl MqttSink {
         }
     }
 }
+
+impl MqttSink {
+    /// Wait until at most `keep` commits of this sink are in flight,
+    /// counting the ones that failed.
+    fn settle(&mut self, cx: &Cx, step: &str, keep: usize) {
+        loop {
+            let finished = match self.in_flight.front() {
+                None => return,
+                Some((_, rx)) if self.in_flight.len() > keep => Some(rx.recv()),
+                Some((_, rx)) => match rx.try_recv() {
+                    Ok(r) => Some(Ok(r)),
+                    Err(std::sync::mpsc::TryRecvError::Empty) => None,
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => Some(Err(std::sync::mpsc::RecvError)),
+                },
+            };
+            let Some(result) = finished else { return };
+            let (n, _) = self.in_flight.pop_front().expect("front exists");
+            let error = match result {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => e,
+                Err(_) => "the store writer has stopped".into(),
+            };
+            cx.counters.add(&format!("{step}.write_errors"), n);
+            cx.warnings
+                .warn(&format!("flow {} output {step}: outbox", cx.flow_id), || {
+                    format!(
+                        "flow {} output {step:?}: cannot commit {n} message(s) to the outbox: {error}",
+                        cx.flow_id
+                    )
+                });
+        }
+    }
+}
+
+/// Commits a sink may have in flight before it waits for the oldest.
+const IN_FLIGHT: usize = 8;
 
 #[cfg(test)]
 mod tests {

@@ -135,8 +135,26 @@ impl Store {
             .unwrap_or_else(|_| Err("the store writer has stopped".into()))
     }
 
+    /// Apply `ops` in the next commit; the answer comes on the receiver
+    /// (for callers that keep a bounded number of commits in flight).
+    pub(crate) fn submit_tracked(&self, ops: Vec<Op>) -> mpsc::Receiver<Result<(), String>> {
+        let (done, wait) = mpsc::channel();
+        if self
+            .tx
+            .send(Request {
+                ops,
+                done: Some(done.clone()),
+                durable: true,
+            })
+            .is_err()
+        {
+            let _ = done.send(Err("the store writer has stopped".into()));
+        }
+        wait
+    }
+
     /// Apply `ops` in the next commit without waiting (a failed commit is
-    /// logged by the writer, and an I/O failure stops the agent).
+    /// logged by the writer, and stops the agent).
     pub(crate) fn submit(&self, ops: Vec<Op>) {
         let _ = self.tx.send(Request {
             ops,
@@ -247,9 +265,9 @@ fn open_db(path: &Path) -> Result<Database, OpenError> {
     Ok(db)
 }
 
-/// Room in the queue before a caller of `commit` must wait is unbounded:
-/// callers wait for their own commit, so the queue holds at most one
-/// request per waiting thread plus the forwarders' deletes.
+/// The queue is unbounded: callers of `commit` wait for their own, MQTT
+/// sinks keep at most a few commits in flight, and the forwarders' deletes
+/// follow acknowledgements, which follow commits.
 fn writer(
     db: Arc<Database>,
     boxes: Arc<outbox::Outboxes>,
@@ -257,11 +275,11 @@ fn writer(
     failed: Arc<Mutex<Option<String>>>,
 ) {
     let warnings = crate::metrics::Warnings::default();
-    // Whether commits without an fsync are waiting for a durable one.
-    let mut lazy = false;
+    // Since when commits without an fsync wait for a durable one.
+    let mut lazy_since: Option<std::time::Instant> = None;
     loop {
-        let first = if lazy {
-            match rx.recv_timeout(LAZY_FOR) {
+        let first = if let Some(since) = lazy_since {
+            match rx.recv_timeout(LAZY_FOR.saturating_sub(since.elapsed())) {
                 Ok(r) => r,
                 Err(mpsc::RecvTimeoutError::Timeout) => Request {
                     ops: Vec::new(),
@@ -280,17 +298,23 @@ fn writer(
         while let Ok(more) = rx.try_recv() {
             batch.push(more);
         }
-        let durable = batch
-            .iter()
-            .any(|r| r.durable || r.ops.iter().any(|op| !matches!(op, Op::Delete { .. })));
+        // Deletes alone wait for an fsync at most LAZY_FOR, however busy.
+        let overdue = lazy_since.is_some_and(|t| t.elapsed() >= LAZY_FOR);
+        let durable = overdue
+            || batch
+                .iter()
+                .any(|r| r.durable || r.ops.iter().any(|op| !matches!(op, Op::Delete { .. })));
         let result = apply(&db, &boxes, &mut batch, durable);
-        // After a failed commit, try a durable one again later.
-        lazy = !durable || result.is_err();
+        if durable && result.is_ok() {
+            lazy_since = None;
+        } else if lazy_since.is_none() {
+            lazy_since = Some(std::time::Instant::now());
+        }
         if let Err(e) = &result {
             warnings.warn("state file: commit failed", || format!("state file commit failed: {e}"));
-            if e.contains("I/O") {
-                *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
-            }
+            // redb refuses every write after a failed commit until the file
+            // is opened again: the agent exits and systemd restarts it.
+            *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
         }
         for req in batch {
             if let Some(done) = req.done {
