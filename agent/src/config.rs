@@ -229,4 +229,54 @@ mod tests {
         assert_eq!(c.state_dir, PathBuf::from("/var/lib/runnel"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    #[test]
+    fn broker_tables_reject_unknown_keys_and_bad_values_naming_the_broker() {
+        let dir = std::env::temp_dir().join(format!("runnel-config-brokers-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("runnel.toml");
+        let cases = [
+            ("[brokers.up]\nhots = \"a\"\n", "hots"),
+            ("[brokers.up]\nprotocol = \"4\"\n", "[brokers.up]: protocol"),
+            ("[brokers.up]\noutbox_full = \"spill\"\n", "[brokers.up]: outbox_full"),
+            ("[brokers.up]\nkeepalive = 2\n", "[brokers.up]: keepalive"),
+            (
+                "[brokers.up]\nprotocol = \"5\"\nkeepalive = 0\n",
+                "[brokers.up]: keepalive = 0",
+            ),
+            (
+                "[brokers.up]\npersistent_session = true\nclient_id = \"\"\n",
+                "[brokers.up]: persistent_session needs a client_id",
+            ),
+            (
+                "[brokers.up.tls]\ncert = \"c.pem\"\n",
+                "[brokers.up]: tls: give both cert and key",
+            ),
+            ("[brokers.up.tls]\ncafile = \"c.pem\"\n", "cafile"),
+            ("flow_load_timeout = 0\n", "flow_load_timeout must be between"),
+        ];
+        for (text, needle) in cases {
+            std::fs::write(&path, text).unwrap();
+            let err = format!("{:#}", Config::load(&path).unwrap_err());
+            assert!(err.contains("runnel.toml") && err.contains(needle), "{text:?}: {err}");
+        }
+        std::fs::write(
+            &path,
+            "[brokers.up]\nhost = \"mqtt.example\"\npassword_file = \"pw\"\nusername = \"u\"\n[brokers.up.tls]\nca = \"ca.pem\"\n",
+        )
+        .unwrap();
+        let c = Config::load(&path).unwrap();
+        let b = &c.brokers["up"];
+        assert_eq!((b.port, b.keepalive, b.max_outbox_bytes), (None, 30, 64 << 20));
+        assert_eq!(b.password_file.as_deref(), Some(dir.join("pw").as_path()));
+        assert_eq!(
+            b.tls.as_ref().unwrap().ca.as_deref(),
+            Some(dir.join("ca.pem").as_path())
+        );
+        assert_eq!(
+            (c.flow_load_timeout, c.python_step_timeout, c.status_interval),
+            (10.0, 30.0, 60)
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
