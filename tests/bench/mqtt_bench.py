@@ -84,6 +84,9 @@ Broker, publisher, runnel
 mosquitto (/usr/sbin/mosquitto) on a free 127.0.0.1 port (never 1883), its own
 config in the work dir: `max_inflight_messages 100` (default 20: up to 100
 unacknowledged QoS 1 messages towards each subscriber, runnel included),
+`set_tcp_nodelay true` (with Nagle's algorithm on, as by default, mosquitto
+holds a small QoS 0 message back until its previous one is acknowledged, and
+delayed ACKs make that up to 40 ms: a broker's latency, not runnel's),
 `max_queued_messages 1000000` and `max_queued_bytes 0` (mosquitto's default of
 1000 queued messages drops QoS 1 messages for a subscriber that falls behind:
 that would show up as runnel "loss"), no persistence, and `log_type subscribe`
@@ -813,6 +816,7 @@ def run_once(args, wl, qos, pace, workdir, mqtt):
         "max_inflight_messages 100\n"
         "max_queued_messages 1000000\n"
         "max_queued_bytes 0\n"
+        "set_tcp_nodelay true\n"
         "log_dest stdout\n"
         "log_type error\nlog_type warning\nlog_type notice\nlog_type information\nlog_type subscribe\n"
         "log_timestamp_format %s\n")

@@ -105,6 +105,12 @@ pub(crate) struct WindowOp {
     plan: WindowPlan,
     keys: HashMap<Arc<str>, KeyState>,
     py_states: Option<PyStates>,
+    /// Every key's next deadline, in order (live mode sleeps until the
+    /// first): kept up to date as keys change, so neither a tick nor the
+    /// engine's wait scans every key (at a window boundary hundreds of keys
+    /// fall due within milliseconds, one wake each).
+    deadlines: std::collections::BTreeSet<(Instant, Arc<str>)>,
+    deadline_of: HashMap<Arc<str>, Instant>,
 }
 
 impl WindowOp {
@@ -115,6 +121,8 @@ impl WindowOp {
             plan,
             keys: HashMap::default(),
             py_states: Some(HashMap::default()),
+            deadlines: Default::default(),
+            deadline_of: HashMap::default(),
         }
     }
 
@@ -239,6 +247,10 @@ fn watermark(spec: &ClockSpec, live: bool, clock: &Clock, now: Instant, wall_now
 impl WindowOp {
     /// Close times and queue entries become due: flush `key` at `wm`.
     fn flush_key(&mut self, cx: &Cx, key: &Arc<str>, wm: Micros, out: &mut Out, actions: &mut Vec<PyAction>) {
+        if !self.keys.contains_key(key) {
+            self.refresh_deadline(key);
+            return;
+        }
         let plan = &self.plan;
         let mut graveyard = cx.graveyard.borrow_mut();
         let Some(ks) = self.keys.get_mut(key) else {
@@ -337,6 +349,25 @@ impl WindowOp {
             };
         if empty {
             self.keys.remove(key);
+        }
+        // Replay takes time from the data alone: no deadlines to keep.
+        if cx.live {
+            self.refresh_deadline(key);
+        }
+    }
+
+    /// Recompute `key`'s place in `deadlines` after it changed (or went).
+    fn refresh_deadline(&mut self, key: &Arc<str>) {
+        let next = self
+            .keys
+            .get(key)
+            .and_then(|ks| self.key_deadline(ks, Instant::now(), time::now_utc()));
+        if let Some(old) = self.deadline_of.remove(key) {
+            self.deadlines.remove(&(old, key.clone()));
+        }
+        if let Some(at) = next {
+            self.deadlines.insert((at, key.clone()));
+            self.deadline_of.insert(key.clone(), at);
         }
     }
 
@@ -741,14 +772,15 @@ impl Operator for WindowOp {
     fn on_tick(&mut self, cx: &Cx, now: Instant, out: &mut Out) {
         let wall_now = time::now_utc();
         let due: Vec<(Arc<str>, Micros)> = self
-            .keys
+            .deadlines
             .iter()
-            .filter(|(_, ks)| self.key_deadline(ks, now, wall_now).is_some_and(|d| d <= now))
-            .map(|(k, ks)| {
-                (
-                    k.clone(),
-                    watermark(&self.plan.clock, cx.live, &ks.clock, now, wall_now),
-                )
+            .take_while(|(at, _)| *at <= now)
+            .map(|(_, k)| {
+                // A key that is gone has no watermark; flush_key drops its entry.
+                let wm = self.keys.get(k).map_or(i64::MIN, |ks| {
+                    watermark(&self.plan.clock, cx.live, &ks.clock, now, wall_now)
+                });
+                (k.clone(), wm)
             })
             .collect();
         let mut actions = Vec::new();
@@ -759,12 +791,7 @@ impl Operator for WindowOp {
     }
 
     fn deadline(&self) -> Option<Instant> {
-        let now = Instant::now();
-        let wall_now = time::now_utc();
-        self.keys
-            .values()
-            .filter_map(|ks| self.key_deadline(ks, now, wall_now))
-            .min()
+        self.deadlines.first().map(|(at, _)| *at)
     }
 }
 

@@ -80,6 +80,16 @@ fn qos5(q: u8) -> v5::mqttbytes::QoS {
     }
 }
 
+/// TCP_NODELAY: a summary is one small packet, and Nagle's algorithm would
+/// hold it back until the broker acknowledges the previous one, which a
+/// delayed ACK makes up to 40 ms (the benchmark's latency tail showed it).
+fn network_options() -> rumqttc::NetworkOptions {
+    let mut n = rumqttc::NetworkOptions::new();
+    n.set_tcp_nodelay(true);
+    n.set_connection_timeout(10);
+    n
+}
+
 pub(crate) fn connect(o: &LinkOptions) -> (Client, Loop) {
     if o.v5 {
         let mut m = v5::MqttOptions::new(o.client_id.clone(), o.host.clone(), o.port);
@@ -111,6 +121,7 @@ pub(crate) fn connect(o: &LinkOptions) -> (Client, Loop) {
             ));
         }
         m.set_request_channel_capacity(REQUEST_QUEUE);
+        m.set_network_options(network_options());
         let (c, l) = v5::AsyncClient::new(m, REQUEST_QUEUE);
         (Client::V5(c), Loop::V5(Box::new(l)))
     } else {
@@ -132,7 +143,8 @@ pub(crate) fn connect(o: &LinkOptions) -> (Client, Loop) {
             m.set_last_will(rumqttc::LastWill::new(topic.clone(), payload.clone(), qos4(1), true));
         }
         m.set_request_channel_capacity(REQUEST_QUEUE);
-        let (c, l) = rumqttc::AsyncClient::new(m, REQUEST_QUEUE);
+        let (c, mut l) = rumqttc::AsyncClient::new(m, REQUEST_QUEUE);
+        l.set_network_options(network_options());
         (Client::V4(c), Loop::V4(Box::new(l)))
     }
 }
