@@ -95,10 +95,10 @@ pub(crate) fn run(config: Config) -> anyhow::Result<ExitCode> {
     let rt = crate::cli::runtime()?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let (conn_stop_tx, conn_stop_rx) = watch::channel(false);
-    // Listen for SIGTERM before loading flows, so an early stop is clean too.
-    // SIGTERM/SIGINT stop the agent in every phase: loading, running,
-    // stopping. A second later the Python job still running is interrupted;
-    // past the hard limit the process exits anyway, naming what it abandons.
+    // Listen before flows load: SIGTERM/SIGINT stop the agent in every
+    // phase (loading, running, stopping). A second later the Python job
+    // still running is interrupted; past the hard limit the process exits
+    // anyway, naming what it abandons.
     let mut term = rt
         .block_on(async { tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) })
         .context("cannot install the SIGTERM handler")?;

@@ -110,9 +110,9 @@ pub(crate) fn main() -> ExitCode {
         ("--flow-load-timeout", cli.flow_load_timeout),
         ("--python-step-timeout", cli.python_step_timeout),
     ] {
-        if let Some(v) = v.filter(|v| !(v.is_finite() && (0.1..=86_400.0).contains(v))) {
+        if let Some(Err(e)) = v.map(|v| crate::config::check_timeout(flag, v)) {
             init_logging("info");
-            eprintln!("error: {flag} must be between 0.1 and 86400 seconds; got {v}");
+            eprintln!("error: {e}");
             return ExitCode::from(2);
         }
     }

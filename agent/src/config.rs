@@ -86,6 +86,15 @@ pub(crate) struct TlsConfig {
     pub key: Option<PathBuf>,
 }
 
+/// A Python deadline (config key or CLI flag `name`) must be a sane number of seconds.
+pub(crate) fn check_timeout(name: &str, seconds: f64) -> Result<(), String> {
+    if seconds.is_finite() && (0.1..=86_400.0).contains(&seconds) {
+        Ok(())
+    } else {
+        Err(format!("{name} must be between 0.1 and 86400 seconds; got {seconds}"))
+    }
+}
+
 fn default_flow_load_timeout() -> f64 {
     crate::python::LOAD_TIMEOUT.as_secs_f64()
 }
@@ -145,12 +154,7 @@ impl Config {
             ("flow_load_timeout", config.flow_load_timeout),
             ("python_step_timeout", config.python_step_timeout),
         ] {
-            if !(v.is_finite() && (0.1..=86_400.0).contains(&v)) {
-                anyhow::bail!(
-                    "config file {}: {key} must be between 0.1 and 86400 seconds; got {v}",
-                    path.display()
-                );
-            }
+            check_timeout(key, v).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?;
         }
         for (name, b) in config.brokers.iter_mut() {
             let at = |what: String| anyhow::anyhow!("config file {}: [brokers.{name}]: {what}", path.display());

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use crate::json;
-use crate::value::Value;
+use crate::value::{set_field, Value};
 
 /// How a payload is turned into items.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -148,21 +148,21 @@ pub(crate) fn cell(s: &str) -> Value {
 
 /// One dict from header names and cells; a repeated name keeps its last
 /// cell, as Python's `csv.DictReader` does.
-pub(crate) fn row(names: &[Arc<str>], cells: &[String]) -> Value {
+pub(crate) fn row<C: AsRef<str>>(names: &[Arc<str>], cells: &[C]) -> Value {
     let mut fields: Vec<(Arc<str>, Value)> = Vec::with_capacity(names.len());
     for (name, c) in names.iter().zip(cells) {
-        match fields.iter_mut().find(|(n, _)| n == name) {
-            Some(slot) => slot.1 = cell(c),
-            None => fields.push((name.clone(), cell(c))),
-        }
+        set_field(&mut fields, name.clone(), cell(c.as_ref()));
     }
     Value::Map(fields)
 }
 
 fn csv_cells(line: &str) -> Result<Vec<String>, Reason> {
+    // A reader per line (its default 8 KiB buffer would be allocated per
+    // message): a buffer the size of the line is enough.
     let mut rdr = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
+        .buffer_capacity(line.len() + 1)
         .from_reader(line.as_bytes());
     let mut rec = csv::StringRecord::new();
     match rdr.read_record(&mut rec) {
@@ -184,11 +184,7 @@ fn kv_line(line: &str) -> Result<Value, Reason> {
         if k.is_empty() {
             return Err(format!("{token:?} has no key"));
         }
-        let v = cell(v);
-        match fields.iter_mut().find(|(n, _)| &**n == k) {
-            Some(slot) => slot.1 = v,
-            None => fields.push((Arc::from(k), v)),
-        }
+        set_field(&mut fields, k, cell(v));
     }
     Ok(Value::Map(fields))
 }

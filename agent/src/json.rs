@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 
 use crate::time;
-use crate::value::Value;
+use crate::value::{set_field, Value};
 
 /// Decodes JSON text into a `Value`, sharing the `Arc<str>` of field names
 /// that repeat from record to record (sensor payloads all look alike).
@@ -112,11 +112,7 @@ impl Decoder {
                 _ => return None,
             };
             // Like Python's json.loads, a repeated name keeps the last value.
-            if let Some(slot) = fields.iter_mut().find(|(n, _)| *n == name) {
-                slot.1 = value;
-            } else {
-                fields.push((name, value));
-            }
+            set_field(&mut fields, name, value);
             i = skip_ws(b, next);
             match b.get(i)? {
                 b',' => i = skip_ws(b, i + 1),
@@ -275,11 +271,7 @@ impl<'de> Visitor<'de> for ValueSeed<'_> {
         })? {
             let v = map.next_value_seed(ValueSeed { names: self.names })?;
             // Like Python's json.loads, a repeated name keeps the last value.
-            if let Some(slot) = out.iter_mut().find(|(n, _)| *n == name) {
-                slot.1 = v;
-            } else {
-                out.push((name, v));
-            }
+            set_field(&mut out, name, v);
         }
         Ok(Value::Map(out))
     }

@@ -61,6 +61,16 @@ impl Item {
     }
 }
 
+/// Set the field `name` of a dict's fields. A name already there keeps its
+/// place and takes the new value, as with Python's `json.loads`,
+/// `csv.DictReader` and dict assignment.
+pub(crate) fn set_field<N: AsRef<str> + Into<Arc<str>>>(fields: &mut Vec<(Arc<str>, Value)>, name: N, v: Value) {
+    match fields.iter_mut().find(|(n, _)| **n == *name.as_ref()) {
+        Some(slot) => slot.1 = v,
+        None => fields.push((name.into(), v)),
+    }
+}
+
 impl Value {
     pub(crate) fn str(s: &str) -> Value {
         Value::Str(Arc::from(s))

@@ -200,10 +200,7 @@ impl Conn {
                         done.push(seq);
                         self.stats.delivered.fetch_add(1, Ordering::Relaxed);
                     }
-                    let in_flight = sent.len() + awaiting.len();
-                    if in_flight == 0 || WINDOW.saturating_sub(in_flight) >= REFILL {
-                        self.fill(&client, &mut sent, &awaiting, &mut cursor);
-                    }
+                    self.refill(&client, &mut sent, &awaiting, &mut cursor);
                 }
                 Ok(Ev::PubRejected(pkid, reason)) => {
                     // Resending would be refused again and hold up every
@@ -217,16 +214,14 @@ impl Conn {
                             )
                         });
                     }
-                    self.fill(&client, &mut sent, &awaiting, &mut cursor);
+                    self.refill(&client, &mut sent, &awaiting, &mut cursor);
                 }
                 Ok(Ev::OutPublish(pkid)) => match sent.pop_front() {
                     // QoS 0: written to the socket is all the delivery there is.
                     Some((Tag::Outbox(seq), 0)) => {
                         done.push(seq);
                         self.stats.delivered.fetch_add(1, Ordering::Relaxed);
-                        if WINDOW.saturating_sub(sent.len() + awaiting.len()) >= REFILL {
-                            self.fill(&client, &mut sent, &awaiting, &mut cursor);
-                        }
+                        self.refill(&client, &mut sent, &awaiting, &mut cursor);
                     }
                     Some((Tag::Status, 0)) => {}
                     Some((tag, _)) => {
@@ -315,6 +310,20 @@ impl Conn {
             }
         }
         self.goodbye(client, events, connected_at.is_some()).await;
+    }
+
+    /// `fill` once a quarter of the window is free (an entry was
+    /// acknowledged): one outbox read per refill, not one per acknowledgement.
+    fn refill(
+        &self,
+        client: &link::Client,
+        sent: &mut VecDeque<(Tag, u8)>,
+        awaiting: &HashMap<u16, Tag>,
+        cursor: &mut u64,
+    ) {
+        if WINDOW.saturating_sub(sent.len() + awaiting.len()) >= REFILL {
+            self.fill(client, sent, awaiting, cursor);
+        }
     }
 
     /// Publish outbox entries from `cursor` while the window has room.

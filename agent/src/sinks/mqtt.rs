@@ -254,8 +254,9 @@ impl MqttSink {
                 return;
             }
             // `block` waits for each commit, so that the bound holds exactly.
-            let blocking = boxes.room(&self.broker).is_some();
-            let mut room = boxes.room(&self.broker).unwrap_or(u64::MAX);
+            let room_left = boxes.room(&self.broker);
+            let blocking = room_left.is_some();
+            let mut room = room_left.unwrap_or(u64::MAX);
             let mut chunk = Vec::new();
             while let Some((seq, e)) = entries.next_if(|(_, e)| chunk.is_empty() || e.charge_in(&self.broker) <= room) {
                 room = room.saturating_sub(e.charge_in(&self.broker));

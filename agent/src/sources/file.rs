@@ -10,10 +10,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::{SourceCtx, SourceMsg, BATCH};
-use crate::decode::cell;
+use crate::decode::row;
 use crate::flow::Decode;
 use crate::json::Decoder;
-use crate::value::{Item, Origin, Value};
+use crate::value::{Item, Origin};
 
 pub(super) fn read(path: PathBuf, decode: Decode, cx: SourceCtx) {
     let shown = path.display().to_string();
@@ -222,16 +222,8 @@ fn read_csv(reader: BufReader<File>, file: &str, cx: &SourceCtx) {
             );
             continue;
         }
-        // A repeated header name keeps its last cell, as Python's csv.DictReader does.
-        let mut fields: Vec<(Arc<str>, Value)> = Vec::with_capacity(names.len());
-        for (name, c) in names.iter().zip(&cells) {
-            match fields.iter_mut().find(|(n, _)| n == name) {
-                Some(slot) => slot.1 = cell(c),
-                None => fields.push((name.clone(), cell(c))),
-            }
-        }
         let mut batch = pending.borrow_mut();
-        batch.push(Item::new(Value::Map(fields), Origin { src: cx.origin, line }));
+        batch.push(Item::new(row(names, &cells), Origin { src: cx.origin, line }));
         if closed.get() || (batch.len() >= BATCH && !send(cx, &mut batch)) {
             return;
         }

@@ -13,7 +13,7 @@ use super::{SourceCtx, SourceMsg};
 use crate::decode::PayloadDecoder;
 use crate::flow::MqttSourceSpec;
 use crate::mqtt::Inbox;
-use crate::value::{Item, Origin, Value};
+use crate::value::{set_field, Item, Origin, Value};
 
 /// Messages taken into one batch at most.
 const MESSAGES_PER_BATCH: usize = 256;
@@ -74,12 +74,14 @@ pub(super) async fn read(input: MqttInput, cx: SourceCtx) {
             }
             values.clear();
             decoder.decode(&m.payload, &mut values, &mut |why| bad(&cx, &m.topic, why));
+            // One message's lines (CSV, kv) share its topic fields.
+            let fields = if wants_fields && !values.is_empty() {
+                topic_fields(&spec, &m.topic)
+            } else {
+                Vec::new()
+            };
             for v in values.drain(..) {
-                let v = if wants_fields {
-                    with_topic_fields(v, &spec, &m.topic)
-                } else {
-                    v
-                };
+                let v = if wants_fields { with_fields(v, &fields) } else { v };
                 batch.push(Item::new(v, at));
             }
         }
@@ -106,24 +108,31 @@ fn bad(cx: &SourceCtx, topic: &str, why: String) {
     );
 }
 
-/// Add the `{name}` levels and `topic_field`; a payload that is not a dict
-/// becomes `{"value": payload}` first, so every item of the source is a dict.
-fn with_topic_fields(v: Value, spec: &MqttSourceSpec, topic: &Arc<str>) -> Value {
+/// The fields a message's topic gives its items: the `{name}` levels of the
+/// first filter it matches, and `topic_field`.
+fn topic_fields(spec: &MqttSourceSpec, topic: &Arc<str>) -> Vec<(Arc<str>, Value)> {
+    let mut fields = Vec::new();
+    if let Some(f) = spec.filters.iter().find(|f| f.matches(topic)) {
+        for (name, level) in f.fields(topic) {
+            set_field(&mut fields, name, Value::str(level));
+        }
+    }
+    if let Some(name) = &spec.topic_field {
+        set_field(&mut fields, name.clone(), Value::Str(topic.clone()));
+    }
+    fields
+}
+
+/// Add topic fields to an item (they overwrite payload fields of the same
+/// name); a payload that is not a dict becomes `{"value": payload}` first,
+/// so every item of the source is a dict.
+fn with_fields(v: Value, topic: &[(Arc<str>, Value)]) -> Value {
     let mut fields = match v {
         Value::Map(f) => f,
         other => vec![(Arc::from("value"), other)],
     };
-    let mut set = |name: Arc<str>, value: Value| match fields.iter_mut().find(|(k, _)| *k == name) {
-        Some(slot) => slot.1 = value,
-        None => fields.push((name, value)),
-    };
-    if let Some(f) = spec.filters.iter().find(|f| f.matches(topic)) {
-        for (name, level) in f.fields(topic) {
-            set(name, Value::str(level));
-        }
-    }
-    if let Some(name) = &spec.topic_field {
-        set(name.clone(), Value::Str(topic.clone()));
+    for (name, value) in topic {
+        set_field(&mut fields, name.clone(), value.clone());
     }
     Value::Map(fields)
 }

@@ -123,15 +123,8 @@ impl Store {
 
     /// Apply `ops` in the next commit and wait until it is on disk.
     pub(crate) fn commit(&self, ops: Vec<Op>) -> Result<(), String> {
-        let (done, wait) = mpsc::channel();
-        self.tx
-            .send(Request {
-                ops,
-                done: Some(done),
-                durable: true,
-            })
-            .map_err(|_| "the store writer has stopped".to_string())?;
-        wait.recv()
+        self.submit_tracked(ops)
+            .recv()
             .unwrap_or_else(|_| Err("the store writer has stopped".into()))
     }
 
