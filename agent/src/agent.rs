@@ -17,6 +17,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use crate::config::Config;
+use crate::engine::Durable;
 use crate::engine::{run_flow, FlowOptions, OutputMode};
 use crate::flow::{self, FlowPlan, SinkSpec, SourceSpec, StepKind};
 use crate::metrics::Counters;
@@ -188,7 +189,7 @@ pub(crate) fn run(config: Config) -> anyhow::Result<ExitCode> {
                 );
                 continue;
             }
-            let inputs = match connect_flow(&mut hub, &plan) {
+            let inputs = match connect_flow(&mut hub, &plan, Duration::from_secs_f64(config.snapshot_interval)) {
                 Ok(inputs) => inputs,
                 Err(e) => {
                     tracing::error!("flow {:?} in {} skipped: {e}", plan.flow_id, path.display());
@@ -206,6 +207,10 @@ pub(crate) fn run(config: Config) -> anyhow::Result<ExitCode> {
                 stop: Some(stop_rx.clone()),
                 sink_env: Some(sink_env.clone()),
                 counters,
+                durable: Some(Durable {
+                    store: store.clone(),
+                    interval: Duration::from_secs_f64(config.snapshot_interval),
+                }),
             };
             handles.push(run_flow(plan, opts, py.clone(), rt.handle().clone())?);
         }
@@ -327,7 +332,7 @@ const STATS_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// Register a flow's MQTT inputs and outputs with the hub; every broker it
 /// names must be usable, or the flow does not start.
-fn connect_flow(hub: &mut Hub, plan: &FlowPlan) -> Result<HashMap<String, SourceConfig>, String> {
+fn connect_flow(hub: &mut Hub, plan: &FlowPlan, hold_for: Duration) -> Result<HashMap<String, SourceConfig>, String> {
     for s in &plan.steps {
         let broker = match &s.kind {
             StepKind::Input(SourceSpec::Mqtt(m)) => &m.broker,
@@ -336,6 +341,14 @@ fn connect_flow(hub: &mut Hub, plan: &FlowPlan) -> Result<HashMap<String, Source
         };
         hub.check(broker)
             .map_err(|e| format!("step {:?} ({}): {e}", s.step_id, s.location))?;
+        if let StepKind::Input(SourceSpec::Mqtt(m)) = &s.kind {
+            if m.after_commit && !hub.persistent(broker) {
+                return Err(format!(
+                    "step {:?} ({}): ack=\"after-commit\" needs persistent_session = true in [brokers.{broker}] (without it the broker forgets unacknowledged messages when the connection drops)",
+                    s.step_id, s.location
+                ));
+            }
+        }
     }
     let mut inputs = HashMap::new();
     for s in &plan.steps {
@@ -347,6 +360,8 @@ fn connect_flow(hub: &mut Hub, plan: &FlowPlan) -> Result<HashMap<String, Source
                     SourceConfig::Mqtt(MqttInput {
                         spec: m.clone(),
                         inbox: Arc::new(Mutex::new(Some(inbox))),
+                        restored: None,
+                        hold_for,
                     }),
                 );
             }

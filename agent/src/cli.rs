@@ -205,6 +205,9 @@ fn check(path: &Path, t: Timeouts) -> anyhow::Result<ExitCode> {
                         plan.flow_id
                     );
                 }
+                for warning in crate::engine::unpicklable_accumulators(plan, &py) {
+                    eprintln!("warning: {warning}");
+                }
             }
             println!("ok: {}", path.display());
             Ok(ExitCode::SUCCESS)
@@ -264,7 +267,14 @@ fn replay(path: &Path, inputs: &[String], keep_sinks: bool, t: Timeouts) -> anyh
             anyhow::bail!("--input {arg}: no such file {file_arg}");
         }
         let decode = Decode::for_path(&p);
-        overrides.insert(step, SourceConfig::File { path: p, decode });
+        overrides.insert(
+            step,
+            SourceConfig::File {
+                path: p,
+                decode,
+                start: None,
+            },
+        );
     }
     for plan in &file.flows {
         for s in &plan.steps {
@@ -301,6 +311,7 @@ fn replay(path: &Path, inputs: &[String], keep_sinks: bool, t: Timeouts) -> anyh
             },
             stop: None,
             sink_env: None,
+            durable: None,
             counters: Default::default(),
         };
         handles.push(run_flow(plan, opts, py.clone(), rt.handle().clone())?);

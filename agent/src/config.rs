@@ -33,6 +33,11 @@ pub(crate) struct Config {
     /// interrupted and its items skipped. Default 30.
     #[serde(default = "default_python_step_timeout")]
     pub python_step_timeout: f64,
+    /// Seconds a change to a flow's state may wait before it is committed
+    /// to the state file (results going upstream are committed at once).
+    /// Default 10.
+    #[serde(default = "default_snapshot_interval")]
+    pub snapshot_interval: f64,
     /// MQTT brokers by name (`[brokers.NAME]`).
     #[serde(default)]
     pub brokers: BTreeMap<String, BrokerConfig>,
@@ -70,6 +75,12 @@ pub(crate) struct BrokerConfig {
     /// Publish `runnel/<device_id>/status` (and stats) on this broker. Default true.
     #[serde(default = "default_true")]
     pub status: bool,
+    /// QoS 1 messages the broker sends before it waits for acknowledgements
+    /// (mosquitto's `max_inflight_messages`, 20 by default; with MQTT 5
+    /// runnel announces it as its Receive Maximum). Sources with
+    /// `ack="after-commit"` commit before this many are held. Default 20.
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight: u16,
     /// Longest wait between reconnect attempts, in seconds. Default 30.
     #[serde(default = "default_reconnect_max")]
     pub reconnect_max: u64,
@@ -93,6 +104,14 @@ pub(crate) fn check_timeout(name: &str, seconds: f64) -> Result<(), String> {
     } else {
         Err(format!("{name} must be between 0.1 and 86400 seconds; got {seconds}"))
     }
+}
+
+fn default_max_inflight() -> u16 {
+    20
+}
+
+fn default_snapshot_interval() -> f64 {
+    10.0
 }
 
 fn default_flow_load_timeout() -> f64 {
@@ -156,6 +175,13 @@ impl Config {
         ] {
             check_timeout(key, v).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?;
         }
+        if !(config.snapshot_interval.is_finite() && (0.1..=3600.0).contains(&config.snapshot_interval)) {
+            anyhow::bail!(
+                "config file {}: snapshot_interval must be between 0.1 and 3600 seconds; got {}",
+                path.display(),
+                config.snapshot_interval
+            );
+        }
         for (name, b) in config.brokers.iter_mut() {
             let at = |what: String| anyhow::anyhow!("config file {}: [brokers.{name}]: {what}", path.display());
             if !matches!(b.protocol.as_str(), "3.1.1" | "5") {
@@ -166,6 +192,9 @@ impl Config {
                     "outbox_full must be \"drop-oldest\" or \"block\"; got {:?}",
                     b.outbox_full
                 )));
+            }
+            if b.max_inflight == 0 {
+                return Err(at("max_inflight must be at least 1".into()));
             }
             if b.host.trim().is_empty() {
                 return Err(at("host is empty".into()));

@@ -151,6 +151,8 @@ pub(crate) struct MqttSourceSpec {
     pub format: crate::decode::Format,
     pub topic_field: Option<Arc<str>>,
     pub max_payload: usize,
+    /// `ack="after-commit"`: acknowledge only once the checkpoint is committed.
+    pub after_commit: bool,
 }
 
 impl std::fmt::Display for SourceSpec {
@@ -161,7 +163,7 @@ impl std::fmt::Display for SourceSpec {
             }
             SourceSpec::Mqtt(m) => write!(
                 f,
-                "mqtt {} on broker {} qos {} ({})",
+                "mqtt {} on broker {} qos {} ({}){}",
                 m.filters
                     .iter()
                     .map(|x| x.subscribe.as_str())
@@ -169,7 +171,12 @@ impl std::fmt::Display for SourceSpec {
                     .join(", "),
                 m.broker,
                 m.qos,
-                m.format.name()
+                m.format.name(),
+                if m.after_commit {
+                    ", acknowledged after commit"
+                } else {
+                    ""
+                }
             ),
         }
     }
@@ -595,6 +602,7 @@ fn read_source(src: &Bound<'_, PyAny>, dir: &Path) -> Result<SourceSpec, ReadErr
                 format,
                 topic_field: topic_field.map(|t| Arc::from(t.as_str())),
                 max_payload: attr(src, "max_payload")?,
+                after_commit: attr::<String>(src, "ack")? == "after-commit",
             }))
         }
         other => Err(ReadErr::Msg(format!("unknown source kind {other:?}"))),

@@ -44,6 +44,7 @@ def mqtt(
     columns: list[str] | None = ...,
     topic_field: str | None = ...,
     max_payload: int = ...,
+    ack: Literal["on-receive", "after-commit"] = ...,
 ) -> Source:
     """Subscribe to MQTT topics on a broker of the agent's config
     (`[brokers.NAME]` in `runnel.toml`); every message becomes items.
@@ -69,8 +70,15 @@ def mqtt(
     `"raw"` (the payload as a `str`). A payload that does not decode, or is
     longer than `max_payload` bytes, is counted, logged and skipped.
 
-    `qos` is the subscription's QoS (0 or 1). A message is acknowledged to the
-    broker once its items are handed to the flow.
+    `qos` is the subscription's QoS (0 or 1). `ack` says when a QoS 1 message
+    is acknowledged to the broker: `"on-receive"` (the default) once its items
+    are handed to the flow, so a crash loses at most the last
+    `snapshot_interval` of readings; `"after-commit"` only once the state they
+    changed is committed to the state file, so a crash or power cut loses
+    nothing (the broker sends the rest again, and runnel counts each reading
+    once). `"after-commit"` needs QoS 1 and `persistent_session = true` on the
+    broker, and commits every few messages (see `max_inflight`), which costs
+    SD-card writes.
 
     ```python
     rows = op.input("rows", flow, sources.mqtt(["plant/+/csv", "plant/line2/#"],

@@ -458,11 +458,9 @@ fn a_persistent_session_keeps_what_was_published_while_runnel_was_down_and_survi
             .ok_or(log)
     });
     one_per_window(&s.ingest, &["d1", "d2"], 2, 4, &mut expected);
-    // Window 3 is still open when the agent stops: its state is not kept
-    // across restarts (yet), so its readings are not expected.
+    // Window 3 is still open when the agent stops: its state is saved at
+    // SIGTERM, so its readings count in the summary made after the restart.
     r.wait_until(ARRIVE_WITHIN, "windows 0-2", |m| m.len() >= 6);
-    expected.remove(&("d1".to_string(), 3));
-    expected.remove(&("d2".to_string(), 3));
     assert!(agent.terminate(STOP_WITHIN).success());
     // Published while runnel is down: the broker queues them for its session.
     one_per_window(&s.ingest, &["d1", "d2"], 6, 9, &mut expected);
@@ -542,14 +540,22 @@ fn a_full_outbox_drops_the_oldest_with_drop_oldest_and_keeps_everything_with_blo
                 "{v}"
             );
         } else {
-            // The flow waits for room: the outbox stays within its bound.
+            // The flow waits for room: the outbox takes one checkpoint's
+            // messages past its bound (they commit with the state that made
+            // them, all or none) and then nothing more while it is full.
             let v = wait_for_stats(&stats, "a full outbox", |b| {
                 b["outbox_entries"].as_u64().unwrap_or(0) >= 2
             });
+            let full = v["brokers"]["upstream"]["outbox_bytes"].as_u64().unwrap();
+            assert!(full > 1200, "{v}");
+            close_windows(&s.ingest, &["d1"], 300, false);
             thread::sleep(Duration::from_secs(2));
-            assert!(
-                v["brokers"]["upstream"]["outbox_bytes"].as_u64().unwrap() <= 1200,
-                "{v}"
+            let all = stats.wait_until(ARRIVE_WITHIN, "stats", |m| !m.is_empty());
+            let later = all.last().expect("a stats message").json();
+            assert_eq!(
+                later["brokers"]["upstream"]["outbox_bytes"].as_u64().unwrap(),
+                full,
+                "a full outbox took more: {later}"
             );
         }
         s.upstream.restart();
@@ -648,4 +654,96 @@ fn the_status_topic_says_online_and_offline_and_stats_count_what_came_in() {
     late.wait_until(ARRIVE_WITHIN, "the retained status", |m| {
         m.len() == 1 && m[0].text() == "offline"
     });
+}
+
+/// `ack="after-commit"`: a message is acknowledged only once the state it
+/// changed is committed. Killed with `kill -9` again and again while
+/// readings flow, runnel still counts every reading exactly once: the
+/// summaries a receiver sees upstream say so, window by window (a
+/// duplicate only as a resend of the same message, same id and seq).
+#[test]
+fn with_after_commit_acks_kill_9_while_readings_flow_loses_and_doubles_nothing() {
+    // Two readings per device share each second: with no wait, the second
+    // would be late (live, the watermark moves on with the clock).
+    let flow = aggregate_flow("json", "json")
+        .replace(
+            r#"sources.mqtt("sensors/{device}/temp", decode="json")"#,
+            r#"sources.mqtt("sensors/{device}/temp", decode="json", ack="after-commit")"#,
+        )
+        .replace(
+            "wait_for_system_duration=timedelta(seconds=0)",
+            "wait_for_system_duration=timedelta(seconds=5)",
+        );
+    assert!(flow.contains("after-commit") && flow.contains("seconds=5)"));
+    let s = Setup::with(
+        &flow,
+        "",
+        "",
+        Keys {
+            top: "status_interval = 0\nsnapshot_interval = 2",
+            default: "persistent_session = true",
+            ..Keys::default()
+        },
+    );
+    let r = s.receiver(None);
+    let mut agent = s.start_agent("agent-0.log");
+    // A paced feed of 800 readings (one mosquitto_pub each, QoS 1), four
+    // devices, two readings per device and second: windows 0-9.
+    let mut expected = Expected::new();
+    let readings: Vec<(String, i64, f64)> = (0..800)
+        .map(|i| (format!("d{}", i % 4), (i / 8) as i64, i as f64))
+        .collect();
+    for (d, offset, temp) in &readings {
+        expected
+            .entry((d.clone(), offset.div_euclid(10)))
+            .or_default()
+            .push(*temp);
+    }
+    let port = s.ingest.port;
+    let feed = thread::spawn(move || {
+        for (d, offset, temp) in readings {
+            runnel_tests::mqtt::publish_on(
+                port,
+                &format!("sensors/{d}/temp"),
+                &reading(T0 + offset, temp, false),
+                1,
+                &[],
+            );
+            thread::sleep(Duration::from_millis(4));
+        }
+    });
+    let mut rng = 0x9e3779b97f4a7c15u64;
+    let mut kills = 0;
+    while !feed.is_finished() {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        thread::sleep(Duration::from_millis(300 + rng % 700));
+        agent.kill9();
+        kills += 1;
+        agent = Agent::start_logging_to(s.path(), &s.config, &format!("agent-{kills}.log"));
+    }
+    feed.join().expect("the feed");
+    assert!(kills >= 5, "only {kills} kills while the readings flowed");
+    close_windows(&s.ingest, &["d0", "d1", "d2", "d3"], 200, false);
+    let got = r.wait_until(Duration::from_secs(60), "every window's summary", |m| {
+        let mut windows: Vec<(String, i64)> = m
+            .iter()
+            .map(|m| m.json())
+            .filter_map(|v| Some((v["key"].as_str()?.to_string(), v["window"].as_i64()?)))
+            .filter(|(_, w)| *w < 10)
+            .collect();
+        windows.sort();
+        windows.dedup();
+        windows.len() >= expected.len()
+    });
+    check_summaries(&got, false, &expected);
+    let logs: String = (0..=kills)
+        .map(|k| agent_log(s.path(), &format!("agent-{k}.log")))
+        .collect();
+    assert!(
+        logs.contains("restored its state"),
+        "no restart restored state:\n{logs}"
+    );
+    assert!(agent.terminate(STOP_WITHIN).success());
 }

@@ -1,6 +1,7 @@
 //! `win.aggregate`'s accumulators: statistics of numeric fields computed
 //! in Rust, merged when session windows merge.
 
+use super::snapshot::{Dec, DecResult, Enc};
 use crate::flow::{AggSpec, Stat};
 use crate::value::Value;
 
@@ -147,6 +148,72 @@ impl AggAcc {
         for (a, b) in self.fields.iter_mut().zip(newer.fields) {
             a.merge(b);
         }
+    }
+
+    /// For the state file.
+    pub(crate) fn encode(&self, e: &mut Enc) {
+        e.u(self.fields.len() as u64);
+        for f in &self.fields {
+            e.u(f.count);
+            for x in [f.sum, f.mean, f.m2, f.min, f.max] {
+                e.f(x);
+            }
+            for v in [&f.first, &f.last] {
+                match v {
+                    Some(v) => {
+                        e.b(true);
+                        e.value(v);
+                    }
+                    None => e.b(false),
+                }
+            }
+            match &f.values {
+                Some(xs) => {
+                    e.b(true);
+                    e.u(xs.len() as u64);
+                    for x in xs {
+                        e.f(*x);
+                    }
+                }
+                None => e.b(false),
+            }
+            e.b(f.variance);
+        }
+    }
+
+    /// The inverse of `encode`; the field count must match `spec`.
+    pub(crate) fn decode(d: &mut Dec<'_>, spec: &AggSpec) -> DecResult<AggAcc> {
+        let n = d.n()?;
+        if n != spec.fields.len() {
+            return Err(format!("{n} aggregated fields, the step has {}", spec.fields.len()));
+        }
+        let mut fields = Vec::with_capacity(n);
+        for _ in 0..n {
+            let count = d.u()?;
+            let (sum, mean, m2, min, max) = (d.f()?, d.f()?, d.f()?, d.f()?, d.f()?);
+            let first = if d.b()? { Some(d.value()?) } else { None };
+            let last = if d.b()? { Some(d.value()?) } else { None };
+            let values = if d.b()? {
+                let k = d.n()?;
+                Some((0..k).map(|_| d.f()).collect::<DecResult<Vec<f64>>>()?)
+            } else {
+                None
+            };
+            let variance = d.b()?;
+            fields.push(FieldAcc {
+                count,
+                sum,
+                mean,
+                m2,
+                min,
+                max,
+                first,
+                last,
+                values,
+                variance,
+            });
+        }
+        Ok(AggAcc { fields })
     }
 
     /// `{"temp": {"mean": ..., "max": ...}}` in the order the flow asked.

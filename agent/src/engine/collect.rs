@@ -7,7 +7,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{Cx, Operator, Out};
+use super::snapshot::{self, Enc};
+use super::{Cx, Operator, Out, Restored, Snap};
 use crate::value::{Item, Micros, Origin, Value};
 
 pub(crate) struct CollectOp {
@@ -15,6 +16,8 @@ pub(crate) struct CollectOp {
     pub timeout: Micros,
     pub max_size: usize,
     lists: HashMap<Arc<str>, (Instant, Vec<Value>)>,
+    /// Keys changed since the last checkpoint (only when state is kept).
+    dirty: std::collections::HashSet<Arc<str>>,
 }
 
 impl CollectOp {
@@ -24,6 +27,7 @@ impl CollectOp {
             timeout,
             max_size,
             lists: HashMap::new(),
+            dirty: Default::default(),
         }
     }
 
@@ -42,6 +46,9 @@ impl Operator for CollectOp {
         for item in batch {
             match item.v.into_keyed() {
                 Ok((k, v)) => {
+                    if cx.durable {
+                        self.dirty.insert(k.clone());
+                    }
                     let entry = self.lists.entry(k.clone()).or_insert_with(|| (now, Vec::new()));
                     entry.0 = now;
                     entry.1.push(v);
@@ -55,10 +62,13 @@ impl Operator for CollectOp {
         }
     }
 
-    fn on_eof(&mut self, _cx: &Cx, out: &mut Out) {
+    fn on_eof(&mut self, cx: &Cx, out: &mut Out) {
         let mut keys: Vec<Arc<str>> = self.lists.keys().cloned().collect();
         keys.sort();
         for k in keys {
+            if cx.durable {
+                self.dirty.insert(k.clone());
+            }
             let (_, values) = self.lists.remove(&k).expect("list");
             out.ports[0].push(emit(k, values));
         }
@@ -76,9 +86,82 @@ impl Operator for CollectOp {
             .map(|(k, _)| k.clone())
             .collect();
         for k in due {
+            self.dirty.insert(k.clone());
             let (_, values) = self.lists.remove(&k).expect("list");
             out.ports[0].push(emit(k, values));
         }
+    }
+
+    fn snapshot(&mut self, _cx: &Cx, snap: &mut Snap) {
+        let step: Arc<str> = Arc::from(self.step_id.as_str());
+        let now = Instant::now();
+        for k in self.dirty.drain() {
+            let row = format!("k:{k}");
+            match self.lists.get(&k) {
+                None => snap.delete(&step, row),
+                Some((last, values)) => {
+                    let mut e = Enc::default();
+                    e.i(snapshot::micros_of(now.saturating_duration_since(*last)));
+                    e.u(values.len() as u64);
+                    for v in values {
+                        e.value(v);
+                    }
+                    snap.put(&step, row, e);
+                }
+            }
+        }
+    }
+
+    fn restore(&mut self, cx: &Cx, rows: Vec<(String, Vec<u8>)>) -> Restored {
+        let now = Instant::now();
+        let mut done = Restored::default();
+        let decode = |py: Option<pyo3::Python<'_>>, rows: Vec<(String, Vec<u8>)>| {
+            rows.into_iter()
+                .map(|(row, bytes)| {
+                    let r = (|| {
+                        let key: Arc<str> = Arc::from(row.strip_prefix("k:").ok_or("not a key row")?);
+                        let raw = snapshot::split(&bytes)?;
+                        let mut d = raw.decoder(py)?;
+                        let age = Duration::from_micros(d.i()?.max(0) as u64);
+                        let n = d.n()?;
+                        let values = (0..n).map(|_| d.value()).collect::<Result<Vec<_>, _>>()?;
+                        d.done()?;
+                        Ok::<_, String>((key, age, values))
+                    })();
+                    (row, r)
+                })
+                .collect::<Vec<_>>()
+        };
+        let needs_py = rows
+            .iter()
+            .any(|(_, b)| snapshot::split(b).map(|r| r.has_objects()).unwrap_or(false));
+        let decoded = if needs_py {
+            match cx.python(&self.step_id, move |py| decode(Some(py), rows)) {
+                Ok(d) => d,
+                Err(e) => {
+                    cx.state_error(&self.step_id, || format!("cannot restore the collected lists: {e}"));
+                    return done;
+                }
+            }
+        } else {
+            decode(None, rows)
+        };
+        for (row, r) in decoded {
+            match r {
+                Ok((key, age, values)) => {
+                    done.keys += 1;
+                    done.queued += values.len() as u64;
+                    self.lists.insert(key, (now.checked_sub(age).unwrap_or(now), values));
+                }
+                Err(why) => {
+                    done.bad_rows += 1;
+                    cx.state_error(&self.step_id, || {
+                        format!("saved state row {row:?} cannot be read ({why}); that key starts empty")
+                    });
+                }
+            }
+        }
+        done
     }
 
     fn deadline(&self) -> Option<Instant> {

@@ -10,12 +10,14 @@ use tokio::sync::{mpsc, watch};
 use super::collect::CollectOp;
 use super::stateless::{InputOp, KeyOnFieldOp, KeyRmOp, MergeOp, PyOp};
 use super::window::WindowOp;
-use super::{Cx, Operator, Out};
+use super::{Cx, Operator, Out, Restored, Snap};
 use crate::flow::{FlowPlan, PyOpKind, StepKind};
 use crate::metrics::{Counters, Warnings};
 use crate::python::PyRunner;
 use crate::sinks::{OutputOp, SharedOut};
-use crate::sources::{SourceConfig, SourceCtx, SourceMsg};
+use crate::sources::{FilePos, Mark, SourceConfig, SourceCtx, SourceMsg};
+use crate::store::state::StateOp;
+use crate::store::{Op, Store};
 use crate::value::Item;
 
 /// Where output steps write.
@@ -38,6 +40,16 @@ pub(crate) struct FlowOptions {
     pub sink_env: Option<Arc<crate::sinks::SinkEnv>>,
     /// The flow's counters (the agent reads them for its status).
     pub counters: Counters,
+    /// Keep the flow's state in the store (`runnel run`).
+    pub durable: Option<Durable>,
+}
+
+/// Where and how often a flow checkpoints.
+#[derive(Clone)]
+pub(crate) struct Durable {
+    pub store: Store,
+    /// The longest a change to the state waits for a commit.
+    pub interval: std::time::Duration,
 }
 
 /// What a flow did, for the summary line and tests.
@@ -59,6 +71,68 @@ struct Engine {
     cx: Cx,
     /// Per origin index, the way back to the source that allocated its items.
     returns: Vec<Option<std::sync::mpsc::Sender<Vec<Item>>>>,
+    cp: Checkpoints,
+}
+
+/// The engine's checkpoint bookkeeping (inert without `Durable`).
+struct Checkpoints {
+    durable: Option<Durable>,
+    /// Step id of each input.
+    input_steps: Vec<Arc<str>>,
+    /// Each input's position after the last batch taken, if not yet committed.
+    marks: Vec<Option<FilePos>>,
+    /// MQTT messages taken since the last checkpoint, to acknowledge after it.
+    held: Vec<crate::sources::MqttHeld>,
+    /// Commits submitted and not yet done, oldest first.
+    in_flight: std::collections::VecDeque<std::sync::mpsc::Receiver<bool>>,
+    /// Notified when a commit is done (the engine's wait wakes up).
+    wake: Arc<tokio::sync::Notify>,
+    /// When the state first changed since the last checkpoint.
+    changed_since: Option<Instant>,
+    /// A checkpoint was called off while stopping: take no more.
+    gave_up: bool,
+}
+
+impl Checkpoints {
+    fn on(&self) -> bool {
+        self.durable.is_some() && !self.gave_up
+    }
+
+    fn changed(&mut self, now: Instant) {
+        if self.on() && self.changed_since.is_none() {
+            self.changed_since = Some(now);
+        }
+    }
+
+    /// Forget commits that are done; whether none is left in flight.
+    fn settled(&mut self) -> bool {
+        while let Some(rx) = self.in_flight.front() {
+            match rx.try_recv() {
+                Err(std::sync::mpsc::TryRecvError::Empty) => return false,
+                _ => {
+                    self.in_flight.pop_front();
+                }
+            }
+        }
+        true
+    }
+
+    /// When the next checkpoint is due without new input (the engine
+    /// sleeps until then); `None` while one is in flight (its end wakes the
+    /// engine) or nothing changed.
+    fn deadline(&self) -> Option<Instant> {
+        let d = self.durable.as_ref()?;
+        if !self.in_flight.is_empty() || self.gave_up {
+            return None;
+        }
+        let by_change = self.changed_since.map(|t| t + d.interval);
+        let now = Instant::now();
+        let by_ack = self.held.iter().map(|h| h.due(now)).min();
+        match (by_change, by_ack) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
 }
 
 impl Engine {
@@ -112,7 +186,232 @@ impl Engine {
     }
 
     fn deadline(&self) -> Option<Instant> {
-        self.nodes.iter().filter_map(|n| n.op.deadline()).min()
+        let ops = self.nodes.iter().filter_map(|n| n.op.deadline()).min();
+        match (ops, self.cp.deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Checkpoint if it is due: a sink holds messages, held MQTT messages
+    /// are due for acknowledgement, or the state changed `interval` ago.
+    /// At most one checkpoint is in flight; its end wakes the engine.
+    fn maybe_checkpoint(&mut self, now: Instant) {
+        if !self.cp.on() || !self.cp.settled() {
+            return;
+        }
+        let interval = self.cp.durable.as_ref().map(|d| d.interval).unwrap_or_default();
+        let due = self.nodes.iter().any(|n| n.op.has_pending())
+            || self.cp.held.iter().any(|h| h.due(now) <= now)
+            || self.cp.changed_since.is_some_and(|t| now >= t + interval);
+        if due {
+            self.checkpoint();
+        }
+    }
+
+    /// Commit what changed since the last checkpoint, with the outbox
+    /// entries it produced and the sources' positions, in one transaction.
+    fn checkpoint(&mut self) {
+        let Some(durable) = self.cp.durable.clone() else { return };
+        if self.cp.gave_up {
+            return;
+        }
+        let mut snap = Snap::default();
+        for n in &mut self.nodes {
+            n.op.snapshot(&self.cx, &mut snap);
+        }
+        if let Some(why) = snap.abort.take() {
+            tracing::warn!(
+                "flow {}: checkpoint called off ({why}); the next start resumes from the last one",
+                self.cx.flow_id
+            );
+            self.cp.gave_up = true;
+            for h in self.cp.held.drain(..) {
+                h.release(false);
+            }
+            return;
+        }
+        for (i, mark) in self.cp.marks.iter_mut().enumerate() {
+            if let Some(pos) = mark.take() {
+                snap.put(&self.cp.input_steps[i], "pos".into(), pos.encode());
+            }
+        }
+        for h in self.cp.held.drain(..) {
+            h.checkpoint(&mut snap);
+        }
+        self.cp.changed_since = None;
+        let rows = std::mem::take(&mut snap.rows);
+        let encoded = if rows.iter().any(|r| !r.enc.py.is_empty()) {
+            let label = format!("flow {} checkpoint (pickling state)", self.cx.flow_id);
+            match self.cx.py.run_step(label, move |py| super::snapshot::finish(py, rows)) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!("flow {}: checkpoint failed: {e}", self.cx.flow_id);
+                    for f in snap.after {
+                        f(false);
+                    }
+                    return;
+                }
+            }
+        } else {
+            (
+                rows.into_iter()
+                    .map(|r| {
+                        let b = super::snapshot::plain(&r.enc);
+                        (r.step, r.row, b)
+                    })
+                    .collect(),
+                Vec::new(),
+            )
+        };
+        let (puts, failed) = encoded;
+        for (step, row, why) in failed {
+            self.cx.state_error(&step, || {
+                format!("state of {row:?} cannot be pickled ({why}); it is saved without it and would start empty after a restart")
+            });
+        }
+        let mut by_step: BTreeMap<Arc<str>, crate::store::state::Rows> = BTreeMap::new();
+        for (step, row, bytes) in puts {
+            by_step.entry(step).or_default().push((row, Some(bytes)));
+        }
+        for (step, row) in snap.deletes {
+            by_step.entry(step).or_default().push((row, None));
+        }
+        let mut ops: Vec<Op> = by_step
+            .into_iter()
+            .map(|(step, rows)| {
+                Op::State(StateOp::Rows {
+                    flow: self.cx.flow_id.clone(),
+                    step,
+                    rows,
+                })
+            })
+            .collect();
+        ops.append(&mut snap.ops);
+        if ops.is_empty() && snap.after.is_empty() {
+            return;
+        }
+        self.cx.counters.add("checkpoints", 1);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let wake = self.cp.wake.clone();
+        let after = snap.after;
+        let flow = self.cx.flow_id.clone();
+        durable.store.submit_then(
+            ops,
+            Box::new(move |r| {
+                if let Err(e) = &r {
+                    tracing::error!("flow {flow}: checkpoint not committed: {e}");
+                }
+                let ok = r.is_ok();
+                for f in after {
+                    f(ok);
+                }
+                let _ = tx.send(ok);
+                wake.notify_one();
+            }),
+        );
+        self.cp.in_flight.push_back(rx);
+    }
+
+    /// The last checkpoint (end of input, or stopping): take it and wait
+    /// for every commit in flight, at most `limit`.
+    fn final_checkpoint(&mut self, limit: std::time::Duration) {
+        if self.cp.durable.is_none() {
+            return;
+        }
+        self.checkpoint();
+        let until = Instant::now() + limit;
+        while let Some(rx) = self.cp.in_flight.pop_front() {
+            if rx
+                .recv_timeout(until.saturating_duration_since(Instant::now()))
+                .is_err()
+            {
+                tracing::warn!("flow {}: the last checkpoint did not commit in time", self.cx.flow_id);
+                break;
+            }
+        }
+    }
+
+    /// Read the flow's state from the store into its steps (before any
+    /// input). Steps whose fingerprint changed, and steps the flow no longer
+    /// has, are set aside. Returns the input steps' rows (their positions).
+    fn restore(&mut self, steps: &[(Arc<str>, Option<String>)]) -> HashMap<Arc<str>, Vec<(String, Vec<u8>)>> {
+        let mut starts = HashMap::new();
+        let Some(durable) = self.cp.durable.clone() else {
+            return starts;
+        };
+        let flow = self.cx.flow_id.clone();
+        let mut stored = match durable.store.flow_state(&flow) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("flow {flow}: cannot read its saved state ({e}); starting empty");
+                return starts;
+            }
+        };
+        let mut ops = Vec::new();
+        let mut total = Restored::default();
+        let mut restored_steps = 0;
+        for (i, (step, fp)) in steps.iter().enumerate() {
+            let Some(fp) = fp else { continue };
+            let old = stored.remove(&**step).unwrap_or_default();
+            if old.fingerprint.as_deref() != Some(fp.as_str()) {
+                if !old.rows.is_empty() {
+                    tracing::warn!(
+                        "flow {flow} step {step:?}: the step changed since its state was saved (windower, clock, logic or source differ); its saved state ({} row(s)) is set aside and the step starts empty",
+                        old.rows.len()
+                    );
+                    ops.push(Op::State(StateOp::SetAside {
+                        flow: flow.clone(),
+                        step: step.clone(),
+                    }));
+                }
+                ops.push(Op::State(StateOp::Fingerprint {
+                    flow: flow.clone(),
+                    step: step.clone(),
+                    fp: fp.clone(),
+                }));
+                continue;
+            }
+            if old.rows.is_empty() {
+                continue;
+            }
+            restored_steps += 1;
+            if self.cp.input_steps.contains(step) {
+                // A source's position: the source takes it when it starts.
+                starts.insert(step.clone(), old.rows);
+                continue;
+            }
+            total += self.nodes[i].op.restore(&self.cx, old.rows);
+        }
+        for (step, old) in stored {
+            tracing::warn!(
+                "flow {flow}: step {step:?} is no longer in the flow (or keeps no state); its saved state ({} row(s)) is set aside",
+                old.rows.len()
+            );
+            ops.push(Op::State(StateOp::SetAside {
+                flow: flow.clone(),
+                step: Arc::from(step.as_str()),
+            }));
+        }
+        if !ops.is_empty() {
+            if let Err(e) = durable.store.commit(ops) {
+                tracing::error!("flow {flow}: cannot record its steps in the state file: {e}");
+            }
+        }
+        if restored_steps > 0 {
+            tracing::info!(
+                "flow {flow}: restored its state: {} key(s), {} open window(s), {} queued item(s) in {restored_steps} step(s){}",
+                total.keys,
+                total.windows,
+                total.queued,
+                if total.bad_rows > 0 {
+                    format!(", {} damaged row(s) skipped", total.bad_rows)
+                } else {
+                    String::new()
+                }
+            );
+        }
+        starts
     }
 
     fn flush(&mut self) {
@@ -172,6 +471,9 @@ fn only_python_reads(steps: &[crate::flow::StepPlan], stream: usize, depth: usiz
     })
 }
 
+/// How long the last checkpoint may take to commit (the agent's stop grace is 3 s).
+const FINAL_WAIT: std::time::Duration = std::time::Duration::from_millis(1500);
+
 /// Run `plan` on a new engine thread; the handle yields its report.
 pub(crate) fn run_flow(
     plan: FlowPlan,
@@ -184,8 +486,14 @@ pub(crate) fn run_flow(
         .spawn(move || engine_main(plan, opts, py, rt))
 }
 
-fn engine_main(plan: FlowPlan, opts: FlowOptions, py: PyRunner, rt: tokio::runtime::Handle) -> FlowReport {
+fn engine_main(plan: FlowPlan, mut opts: FlowOptions, py: PyRunner, rt: tokio::runtime::Handle) -> FlowReport {
     let counters = opts.counters.clone();
+    let durable = opts.durable.take();
+    let fingerprints = if durable.is_some() {
+        super::fingerprint::of_plan(&plan, &py)
+    } else {
+        Vec::new()
+    };
     let warnings = Warnings::default();
     let (tx, mut rx) = mpsc::channel::<SourceMsg>(8);
 
@@ -197,10 +505,11 @@ fn engine_main(plan: FlowPlan, opts: FlowOptions, py: PyRunner, rt: tokio::runti
         }
     }
     let mut origins = vec![String::new()];
-    let mut returns: Vec<Option<std::sync::mpsc::Sender<Vec<Item>>>> = vec![None];
+    let returns: Vec<Option<std::sync::mpsc::Sender<Vec<Item>>>> = vec![None];
     let mut sources = Vec::new();
     let mut nodes: Vec<Node> = Vec::new();
     let mut input_nodes = Vec::new();
+    let mut input_steps: Vec<Arc<str>> = Vec::new();
     for s in &plan.steps {
         let op: Box<dyn Operator> = match &s.kind {
             StepKind::Input(spec) => {
@@ -210,6 +519,7 @@ fn engine_main(plan: FlowPlan, opts: FlowOptions, py: PyRunner, rt: tokio::runti
                     .cloned()
                     .unwrap_or_else(|| SourceConfig::from_spec(spec));
                 origins.push(config.origin_name());
+                input_steps.push(Arc::from(s.step_id.as_str()));
                 sources.push((input_nodes.len(), s.step_id.clone(), (origins.len() - 1) as u32, config));
                 input_nodes.push(nodes.len());
                 Box::new(InputOp {
@@ -229,7 +539,7 @@ fn engine_main(plan: FlowPlan, opts: FlowOptions, py: PyRunner, rt: tokio::runti
                 step_id: s.step_id.clone(),
                 kind: *kind,
                 f: f.clone(),
-                states: (*kind == PyOpKind::StatefulMap).then(HashMap::new),
+                states: (*kind == PyOpKind::StatefulMap).then(Default::default),
                 keep_py: s.downs.iter().all(|d| only_python_reads(&plan.steps, *d, 0)),
                 location: Arc::from(s.location.as_str()),
             }),
@@ -275,14 +585,41 @@ fn engine_main(plan: FlowPlan, opts: FlowOptions, py: PyRunner, rt: tokio::runti
         warnings: warnings.clone(),
         origins: Arc::new(origins),
         live: opts.live,
+        durable: durable.is_some(),
         graveyard: Default::default(),
     };
     let n_inputs = input_nodes.len();
+    let cp = Checkpoints {
+        durable,
+        marks: vec![None; n_inputs],
+        input_steps,
+        held: Vec::new(),
+        in_flight: Default::default(),
+        wake: Arc::new(tokio::sync::Notify::new()),
+        changed_since: None,
+        gave_up: false,
+    };
+    let mut engine = Engine { nodes, cx, returns, cp };
+    let positions = engine.restore(&fingerprints);
     let mut starts = Vec::new();
-    for (input, step_id, origin, config) in sources {
+    for (input, step_id, origin, mut config) in sources {
+        if let Some(rows) = positions.get(step_id.as_str()) {
+            let row = |name: &str| rows.iter().find(|(r, _)| r == name).map(|(_, b)| b.clone());
+            match &mut config {
+                SourceConfig::File { start, .. } => match row("pos").map(|b| FilePos::decode(&b)) {
+                    Some(Ok(p)) => *start = Some(p),
+                    Some(Err(why)) => engine.cx.state_error(&step_id, || {
+                        format!("saved position cannot be read ({why}); reading from the start")
+                    }),
+                    None => {}
+                },
+                SourceConfig::Mqtt(m) => m.restored = row("seen"),
+                SourceConfig::Unavailable(_) => {}
+            }
+        }
         let (back_tx, back_rx) = std::sync::mpsc::channel();
-        returns.resize(origin as usize + 1, None);
-        returns[origin as usize] = Some(back_tx);
+        engine.returns.resize(origin as usize + 1, None);
+        engine.returns[origin as usize] = Some(back_tx);
         let scx = SourceCtx {
             input,
             step_id,
@@ -295,7 +632,6 @@ fn engine_main(plan: FlowPlan, opts: FlowOptions, py: PyRunner, rt: tokio::runti
         };
         starts.push((config, scx));
     }
-    let mut engine = Engine { nodes, cx, returns };
     for (config, scx) in starts {
         config.start(scx, &rt);
     }
@@ -311,10 +647,13 @@ fn engine_main(plan: FlowPlan, opts: FlowOptions, py: PyRunner, rt: tokio::runti
     enum Next {
         Msg(Option<SourceMsg>),
         Tick,
+        Committed,
         Stop,
     }
+    let wake = engine.cp.wake.clone();
     loop {
         let deadline = if opts.live { engine.deadline() } else { None };
+        let in_flight = !engine.cp.in_flight.is_empty();
         let next = waiter.block_on(async {
             let sleep = async {
                 match deadline {
@@ -334,15 +673,29 @@ fn engine_main(plan: FlowPlan, opts: FlowOptions, py: PyRunner, rt: tokio::runti
                     None => std::future::pending().await,
                 }
             };
+            let committed = async {
+                if in_flight {
+                    wake.notified().await
+                } else {
+                    std::future::pending().await
+                }
+            };
             tokio::select! {
                 biased;
                 _ = stopping => Next::Stop,
                 m = rx.recv() => Next::Msg(m),
+                _ = committed => Next::Committed,
                 _ = sleep => Next::Tick,
             }
         });
         match next {
-            Next::Msg(Some(SourceMsg::Batch(input, items))) => {
+            Next::Msg(Some(SourceMsg::Batch(input, items, mark))) => {
+                match mark {
+                    Mark::None => {}
+                    Mark::File(p) => engine.cp.marks[input] = Some(p),
+                    Mark::Mqtt(h) => engine.cp.held.push(h),
+                }
+                engine.cp.changed(Instant::now());
                 engine.push(input_nodes[input], 0, items);
                 // A busy input must not starve other keys' timers: what was
                 // due before this batch fires now (`deadline` is None in replay).
@@ -356,21 +709,53 @@ fn engine_main(plan: FlowPlan, opts: FlowOptions, py: PyRunner, rt: tokio::runti
                 if ended.iter().all(|e| *e) {
                     engine.eof();
                     engine.flush();
+                    engine.cp.changed(Instant::now());
+                    engine.final_checkpoint(FINAL_WAIT);
+                    if opts.live {
+                        tracing::info!(
+                            "flow {}: every input has ended; its windows are flushed{}",
+                            engine.cx.flow_id,
+                            if engine.cp.durable.is_some() {
+                                " and its state saved"
+                            } else {
+                                ""
+                            }
+                        );
+                    }
                     break;
                 }
             }
             Next::Msg(None) => {
                 engine.eof();
                 engine.flush();
+                engine.cp.changed(Instant::now());
+                engine.final_checkpoint(FINAL_WAIT);
                 break;
             }
-            Next::Tick => engine.tick(Instant::now()),
+            Next::Tick => {
+                engine.cp.changed(Instant::now());
+                engine.tick(Instant::now());
+            }
+            Next::Committed => {}
             Next::Stop => {
                 stopped_early = true;
+                engine.flush();
+                // A job interrupted while stopping left its batch half done:
+                // the state stays at the last checkpoint, and the next start
+                // takes those items again.
+                if engine.cx.py.any_abandoned() {
+                    tracing::warn!(
+                        "flow {}: no last checkpoint (a Python job was interrupted while stopping); the next start resumes from the one before",
+                        engine.cx.flow_id
+                    );
+                } else {
+                    engine.final_checkpoint(FINAL_WAIT);
+                }
                 break;
             }
         }
         engine.flush();
+        engine.maybe_checkpoint(Instant::now());
     }
     drop(rx);
     warnings.flush();

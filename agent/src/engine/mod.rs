@@ -8,7 +8,9 @@
 
 mod agg;
 mod collect;
+mod fingerprint;
 mod graph;
+pub(crate) mod snapshot;
 mod stateless;
 mod window;
 
@@ -20,7 +22,8 @@ use crate::python::error::PyFailure;
 use crate::python::PyRunner;
 use crate::value::{Item, Origin};
 
-pub(crate) use graph::{run_flow, FlowOptions, FlowReport, OutputMode};
+pub(crate) use fingerprint::unpicklable_accumulators;
+pub(crate) use graph::{run_flow, Durable, FlowOptions, FlowReport, OutputMode};
 
 /// What one step hands on: a batch per output port.
 pub(crate) struct Out {
@@ -49,6 +52,66 @@ pub(crate) trait Operator: Send {
     }
     /// Make written output visible (sinks).
     fn flush(&mut self, _cx: &Cx) {}
+    /// Whether output waits for a checkpoint to be committed (MQTT sinks:
+    /// then the engine checkpoints at once instead of at the interval).
+    fn has_pending(&self) -> bool {
+        false
+    }
+    /// Put what changed since the last checkpoint into `snap` (stateful
+    /// steps and sinks whose output is committed with the state).
+    fn snapshot(&mut self, _cx: &Cx, _snap: &mut Snap) {}
+    /// Take the rows the store holds for this step (before any input).
+    /// Returns what was restored, for the log line.
+    fn restore(&mut self, _cx: &Cx, _rows: Vec<(String, Vec<u8>)>) -> Restored {
+        Restored::default()
+    }
+}
+
+/// What one checkpoint commits for a flow.
+#[derive(Default)]
+pub(crate) struct Snap {
+    /// Rows to put (their Python objects are pickled before the commit).
+    pub rows: Vec<snapshot::PendingRow>,
+    /// Rows to delete: (step, row).
+    pub deletes: Vec<(Arc<str>, String)>,
+    /// Other operations of the same commit (outbox appends).
+    pub ops: Vec<crate::store::Op>,
+    /// Called with the outcome once the commit is done (or failed).
+    pub after: Vec<Box<dyn FnOnce(bool) + Send>>,
+    /// Set by a step that cannot complete this checkpoint: nothing of it is
+    /// committed (the state stays at the last one).
+    pub abort: Option<String>,
+}
+
+impl Snap {
+    pub(crate) fn put(&mut self, step: &Arc<str>, row: String, enc: snapshot::Enc) {
+        self.rows.push(snapshot::PendingRow {
+            step: step.clone(),
+            row,
+            enc,
+        });
+    }
+    pub(crate) fn delete(&mut self, step: &Arc<str>, row: String) {
+        self.deletes.push((step.clone(), row));
+    }
+}
+
+/// What a step restored (summed for the flow's log line).
+#[derive(Default, Clone, Copy)]
+pub(crate) struct Restored {
+    pub keys: u64,
+    pub windows: u64,
+    pub queued: u64,
+    pub bad_rows: u64,
+}
+
+impl std::ops::AddAssign for Restored {
+    fn add_assign(&mut self, o: Restored) {
+        self.keys += o.keys;
+        self.windows += o.windows;
+        self.queued += o.queued;
+        self.bad_rows += o.bad_rows;
+    }
 }
 
 /// What every operator of a flow may use.
@@ -64,6 +127,9 @@ pub(crate) struct Cx {
     /// Live (`run`): watermarks also advance with the monotonic clock and
     /// timers fire. Replay: time comes from the data alone.
     pub live: bool,
+    /// The flow's state is kept in the store (`run`): steps track what
+    /// changed since the last checkpoint.
+    pub durable: bool,
     /// Items steps are done with; the engine hands them back to the
     /// sources that allocated them (see `SourceCtx::returns`).
     pub graveyard: std::cell::RefCell<Vec<Item>>,
@@ -83,6 +149,15 @@ impl Cx {
     {
         self.counters.add("python.jobs", 1);
         self.py.run_step(format!("flow {} step {step:?}", self.flow_id), f)
+    }
+
+    /// Count and log (rate-limited) a state row that could not be written
+    /// or read (an object that cannot be pickled, a damaged row).
+    pub(crate) fn state_error(&self, step: &str, message: impl FnOnce() -> String) {
+        self.counters.add(&format!("{step}.state_errors"), 1);
+        let key = format!("flow {} step {step}: state", self.flow_id);
+        self.warnings
+            .warn(&key, || format!("flow {} step {step:?}: {}", self.flow_id, message()));
     }
 
     /// Count and log (rate-limited) the items of a batch skipped because

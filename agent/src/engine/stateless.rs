@@ -96,24 +96,35 @@ pub(crate) struct PyOp {
     pub kind: PyOpKind,
     pub f: PyFn,
     /// Per-key state of `stateful_map` (Python objects, touched only on the Python thread).
-    pub states: Option<HashMap<Arc<str>, Py<PyAny>>>,
+    pub states: Option<MapStates>,
     /// Hand results on as Python objects (every consumer is Python).
     pub keep_py: bool,
     /// Where the step is defined (file:line).
     pub location: Arc<str>,
 }
 
+/// `stateful_map`'s per-key states, and the keys changed since the last
+/// checkpoint.
+#[derive(Default)]
+pub(crate) struct MapStates {
+    pub map: HashMap<Arc<str>, Arc<Py<PyAny>>>,
+    pub dirty: std::collections::HashSet<Arc<str>>,
+}
+
 /// What a Python batch job returns to the engine thread: output batches
 /// per port, item errors, the step's per-key state, and the inputs it is
 /// done with.
-type JobResult = (
-    Vec<Vec<Item>>,
-    Vec<(Origin, ItemError)>,
-    Option<HashMap<Arc<str>, Py<PyAny>>>,
-    Vec<Item>,
-);
+type JobResult = (Vec<Vec<Item>>, Vec<(Origin, ItemError)>, Option<MapStates>, Vec<Item>);
 
 impl Operator for PyOp {
+    fn snapshot(&mut self, _cx: &Cx, snap: &mut super::Snap) {
+        self.snapshot_states(snap);
+    }
+
+    fn restore(&mut self, cx: &Cx, rows: Vec<(String, Vec<u8>)>) -> super::Restored {
+        self.restore_states(cx, rows)
+    }
+
     fn on_batch(&mut self, cx: &Cx, _port: usize, batch: Vec<Item>, out: &mut Out) {
         let n = batch.len();
         let kind = self.kind;
@@ -172,10 +183,76 @@ impl Operator for PyOp {
                     self.step_id
                 );
                 if self.kind == PyOpKind::StatefulMap {
-                    self.states = Some(HashMap::new());
+                    // The job never returned the states (the Python thread
+                    // failed); the store keeps what the last checkpoint wrote.
+                    self.states = Some(MapStates::default());
                 }
             }
         }
+    }
+}
+
+impl PyOp {
+    /// `stateful_map`: the changed keys' states, pickled at the checkpoint.
+    pub(crate) fn snapshot_states(&mut self, snap: &mut super::Snap) {
+        let Some(states) = self.states.as_mut() else { return };
+        let step: Arc<str> = Arc::from(self.step_id.as_str());
+        for k in std::mem::take(&mut states.dirty) {
+            let row = format!("k:{k}");
+            match states.map.get(&k) {
+                None => snap.delete(&step, row),
+                Some(obj) => {
+                    let mut e = super::snapshot::Enc::default();
+                    e.obj(obj.clone());
+                    snap.put(&step, row, e);
+                }
+            }
+        }
+    }
+
+    pub(crate) fn restore_states(&mut self, cx: &Cx, rows: Vec<(String, Vec<u8>)>) -> super::Restored {
+        let mut done = super::Restored::default();
+        if self.kind != PyOpKind::StatefulMap || rows.is_empty() {
+            return done;
+        }
+        let decoded = cx.python(&self.step_id, move |py| {
+            rows.into_iter()
+                .map(|(row, bytes)| {
+                    let r = (|| {
+                        let key: Arc<str> = Arc::from(row.strip_prefix("k:").ok_or("not a key row")?);
+                        let raw = super::snapshot::split(&bytes)?;
+                        let mut d = raw.decoder(Some(py))?;
+                        let obj = d.obj()?.ok_or("its state could not be pickled when saved")?;
+                        d.done()?;
+                        Ok::<_, String>((key, obj))
+                    })();
+                    (row, r)
+                })
+                .collect::<Vec<_>>()
+        });
+        let decoded = match decoded {
+            Ok(d) => d,
+            Err(e) => {
+                cx.state_error(&self.step_id, || format!("cannot restore the stateful_map states: {e}"));
+                return done;
+            }
+        };
+        let states = self.states.get_or_insert_with(MapStates::default);
+        for (row, r) in decoded {
+            match r {
+                Ok((key, obj)) => {
+                    done.keys += 1;
+                    states.map.insert(key, Arc::new(obj));
+                }
+                Err(why) => {
+                    done.bad_rows += 1;
+                    cx.state_error(&self.step_id, || {
+                        format!("saved state row {row:?} cannot be read ({why}); that key starts empty")
+                    });
+                }
+            }
+        }
+        done
     }
 }
 
@@ -187,7 +264,7 @@ fn run_batch(
     (file, location): (&str, &str),
     full_id: &str,
     batch: Vec<Item>,
-    mut states: Option<HashMap<Arc<str>, Py<PyAny>>>,
+    mut states: Option<MapStates>,
     n_ports: usize,
     keep_py: bool,
 ) -> JobResult {
@@ -325,8 +402,9 @@ fn run_batch(
                             husks.push(Item::new(v, at));
                         }
                         _ => {
-                            let states = states.get_or_insert_with(HashMap::new);
-                            let old = states.remove(&k);
+                            let states = states.get_or_insert_with(MapStates::default);
+                            states.dirty.insert(k.clone());
+                            let old = states.map.remove(&k);
                             let state = old
                                 .as_ref()
                                 .map(|s| s.bind(py).clone())
@@ -335,7 +413,7 @@ fn run_batch(
                                 Ok(r) => r,
                                 Err(e) => {
                                     if let Some(old) = old {
-                                        states.insert(k, old);
+                                        states.map.insert(k, old);
                                     }
                                     return Err(fail(e));
                                 }
@@ -348,7 +426,7 @@ fn run_batch(
                                 .filter(|items| items.len() == 2);
                             let Some(mut pair) = pair else {
                                 if let Some(old) = old {
-                                    states.insert(k, old);
+                                    states.map.insert(k, old);
                                 }
                                 return Err(ItemError::Shape(format!(
                                     "return value of `mapper` must be a 2-tuple of `(updated_state, emit_value)`; got a {}",
@@ -358,7 +436,7 @@ fn run_batch(
                             let emit = pair.pop().expect("two items");
                             let new_state = pair.pop().expect("two items");
                             if !new_state.is_none() {
-                                states.insert(k.clone(), new_state.unbind());
+                                states.map.insert(k.clone(), Arc::new(new_state.unbind()));
                             }
                             ports[0].push(Item::new(Value::keyed(k, keep(emit)), at));
                             husks.push(Item::new(v, at));

@@ -23,8 +23,9 @@ use std::time::{Duration, Instant};
 use pyo3::prelude::*;
 
 use super::agg::AggAcc;
-use super::{Cx, ItemError, Operator, Out};
-use crate::flow::{ClockSpec, LogicSpec, TsGetter, TsUnit, WindowPlan, WindowerSpec};
+use super::snapshot::{self, Dec, DecResult, Enc};
+use super::{Cx, ItemError, Operator, Out, Restored, Snap};
+use crate::flow::{AggSpec, ClockSpec, LogicSpec, TsGetter, TsUnit, WindowPlan, WindowerSpec};
 use crate::python::convert::{from_py, micros, to_py};
 use crate::python::error::PyFailure;
 use crate::time;
@@ -93,7 +94,9 @@ enum PyAction {
     },
 }
 
-type PyStates = HashMap<(Arc<str>, i64), Py<PyAny>>;
+/// Python accumulators by (key, window id). Shared handles, so that a
+/// checkpoint can hand them to the Python thread for pickling.
+type PyStates = HashMap<(Arc<str>, i64), Arc<Py<PyAny>>>;
 
 /// A batch split into (key, value, origin).
 type Keyed = Vec<(Arc<str>, Value, Origin)>;
@@ -111,18 +114,23 @@ pub(crate) struct WindowOp {
     /// fall due within milliseconds, one wake each).
     deadlines: std::collections::BTreeSet<(Instant, Arc<str>)>,
     deadline_of: HashMap<Arc<str>, Instant>,
+    /// Keys changed since the last checkpoint (only when state is kept).
+    dirty: rustc_hash::FxHashSet<Arc<str>>,
+    step: Arc<str>,
 }
 
 impl WindowOp {
     pub(crate) fn new(step_id: String, plan: WindowPlan, location: Arc<str>) -> WindowOp {
         WindowOp {
-            step_id,
             location,
             plan,
             keys: HashMap::default(),
             py_states: Some(HashMap::default()),
             deadlines: Default::default(),
             deadline_of: HashMap::default(),
+            dirty: Default::default(),
+            step: Arc::from(step_id.as_str()),
+            step_id,
         }
     }
 
@@ -250,6 +258,9 @@ impl WindowOp {
         if !self.keys.contains_key(key) {
             self.refresh_deadline(key);
             return;
+        }
+        if cx.durable {
+            self.dirty.insert(key.clone());
         }
         let plan = &self.plan;
         let mut graveyard = cx.graveyard.borrow_mut();
@@ -404,7 +415,7 @@ impl WindowOp {
                         let slot = match states.entry((key, id)) {
                             std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
                             std::collections::hash_map::Entry::Vacant(v) => match builder.bind(py).call0() {
-                                Ok(a) => v.insert(a.unbind()),
+                                Ok(a) => v.insert(Arc::new(a.unbind())),
                                 Err(e) => {
                                     errors.push((at, fail(e), "item skipped (builder failed)"));
                                     continue;
@@ -413,7 +424,7 @@ impl WindowOp {
                         };
                         let r = to_py(py, &value).and_then(|v| folder.bind(py).call1((slot.bind(py), v)));
                         match r {
-                            Ok(new) => *slot = new.unbind(),
+                            Ok(new) => *slot = Arc::new(new.unbind()),
                             Err(e) => errors.push((at, fail(e), "item skipped, window state kept")),
                         }
                         husks.push(Item::new(value, at));
@@ -428,7 +439,7 @@ impl WindowOp {
                         };
                         match merger.bind(py).call1((dst.bind(py), src.bind(py))) {
                             Ok(m) => {
-                                states.insert((key, into), m.unbind());
+                                states.insert((key, into), Arc::new(m.unbind()));
                             }
                             Err(e) => {
                                 errors.push((Origin::default(), fail(e), "merged window's values dropped"));
@@ -793,6 +804,237 @@ impl Operator for WindowOp {
     fn deadline(&self) -> Option<Instant> {
         self.deadlines.first().map(|(at, _)| *at)
     }
+
+    fn snapshot(&mut self, _cx: &Cx, snap: &mut Snap) {
+        let now = Instant::now();
+        let empty = PyStates::default();
+        let py_states = self.py_states.as_ref().unwrap_or(&empty);
+        for key in self.dirty.drain() {
+            let row = format!("k:{key}");
+            let Some(ks) = self.keys.get(&key) else {
+                snap.delete(&self.step, row);
+                continue;
+            };
+            let mut e = Enc::default();
+            encode_key(&mut e, ks, now);
+            let ids: Vec<i64> = match &ks.windows {
+                Windows::Sliding(open) => open.keys().copied().collect(),
+                Windows::Session { sessions, .. } => sessions.keys().copied().collect(),
+            };
+            let held: Vec<(i64, &Arc<Py<PyAny>>)> = ids
+                .into_iter()
+                .filter_map(|id| py_states.get(&(key.clone(), id)).map(|a| (id, a)))
+                .collect();
+            e.u(held.len() as u64);
+            for (id, acc) in held {
+                e.i(id);
+                e.obj(acc.clone());
+            }
+            snap.put(&self.step, row, e);
+        }
+    }
+
+    fn restore(&mut self, cx: &Cx, rows: Vec<(String, Vec<u8>)>) -> Restored {
+        let windower = self.plan.windower;
+        let agg = match &self.plan.logic {
+            LogicSpec::Aggregate(a) => Some(a.clone()),
+            _ => None,
+        };
+        let needs_py = rows
+            .iter()
+            .any(|(_, b)| snapshot::split(b).map(|r| r.has_objects()).unwrap_or(false));
+        let decode_all = move |py: Option<Python<'_>>| {
+            let now = Instant::now();
+            rows.into_iter()
+                .map(|(row, bytes)| {
+                    let r = (|| {
+                        let key: Arc<str> = Arc::from(row.strip_prefix("k:").ok_or("not a key row")?);
+                        let raw = snapshot::split(&bytes)?;
+                        let mut d = raw.decoder(py)?;
+                        let ks = decode_key(&mut d, &windower, agg.as_ref(), now)?;
+                        let n = d.n()?;
+                        let mut accs = Vec::with_capacity(n);
+                        for _ in 0..n {
+                            let id = d.i()?;
+                            if let Some(o) = d.obj()? {
+                                accs.push((id, Arc::new(o)));
+                            }
+                        }
+                        d.done()?;
+                        Ok::<_, String>((key, ks, accs))
+                    })();
+                    (row, r)
+                })
+                .collect::<Vec<_>>()
+        };
+        let decoded = if needs_py {
+            match cx.python(&self.step_id, move |py| decode_all(Some(py))) {
+                Ok(d) => d,
+                Err(e) => {
+                    cx.state_error(&self.step_id, || format!("cannot restore the window state: {e}"));
+                    return Restored {
+                        bad_rows: 1,
+                        ..Restored::default()
+                    };
+                }
+            }
+        } else {
+            decode_all(None)
+        };
+        let mut done = Restored::default();
+        let py_states = self.py_states.get_or_insert_with(Default::default);
+        for (row, r) in decoded {
+            match r {
+                Ok((key, ks, accs)) => {
+                    done.keys += 1;
+                    done.windows += match &ks.windows {
+                        Windows::Sliding(open) => open.len(),
+                        Windows::Session { sessions, .. } => sessions.len(),
+                    } as u64;
+                    done.queued += ks.queue.len() as u64;
+                    for (id, acc) in accs {
+                        py_states.insert((key.clone(), id), acc);
+                    }
+                    self.keys.insert(key, ks);
+                }
+                Err(why) => {
+                    done.bad_rows += 1;
+                    cx.state_error(&self.step_id, || {
+                        format!("saved state row {row:?} cannot be read ({why}); that key starts empty")
+                    });
+                }
+            }
+        }
+        if cx.live {
+            let keys: Vec<Arc<str>> = self.keys.keys().cloned().collect();
+            for k in keys {
+                self.refresh_deadline(&k);
+            }
+        }
+        done
+    }
+}
+
+/// One key's windows, queue, clock and native accumulators, for the store.
+fn encode_key(e: &mut Enc, ks: &KeyState, now: Instant) {
+    e.i(ks.clock.base);
+    e.i(snapshot::micros_of(now.saturating_duration_since(ks.clock.moved_at)));
+    match &ks.windows {
+        Windows::Sliding(open) => {
+            e.u(0);
+            e.u(open.len() as u64);
+            for (id, m) in open {
+                e.i(*id);
+                e.meta(m);
+            }
+        }
+        Windows::Session {
+            max_id,
+            sessions,
+            merges,
+        } => {
+            e.u(1);
+            e.i(*max_id);
+            e.u(sessions.len() as u64);
+            for (id, m) in sessions {
+                e.i(*id);
+                e.meta(m);
+            }
+            e.u(merges.len() as u64);
+            for (a, b) in merges {
+                e.i(*a);
+                e.i(*b);
+            }
+        }
+    }
+    e.u(ks.queue.len() as u64);
+    for q in &ks.queue {
+        e.i(q.ts);
+        e.u(q.at.src as u64);
+        e.u(q.at.line);
+        e.value(&q.value);
+    }
+    e.u(ks.accs.len() as u64);
+    for (id, acc) in &ks.accs {
+        e.i(*id);
+        match acc {
+            Acc::Count(n) => {
+                e.u(0);
+                e.i(*n);
+            }
+            Acc::Agg(a) => {
+                e.u(1);
+                a.encode(e);
+            }
+        }
+    }
+}
+
+fn decode_key(d: &mut Dec<'_>, windower: &WindowerSpec, agg: Option<&AggSpec>, now: Instant) -> DecResult<KeyState> {
+    let base = d.i()?;
+    let idle = Duration::from_micros(d.i()?.max(0) as u64);
+    let moved_at = now.checked_sub(idle).unwrap_or(now);
+    let windows = match (d.u()?, windower) {
+        (0, WindowerSpec::Sliding { .. }) => {
+            let n = d.n()?;
+            let mut open = BTreeMap::new();
+            for _ in 0..n {
+                let id = d.i()?;
+                open.insert(id, d.meta()?);
+            }
+            Windows::Sliding(open)
+        }
+        (1, WindowerSpec::Session { .. }) => {
+            let max_id = d.i()?;
+            let n = d.n()?;
+            let mut sessions = BTreeMap::new();
+            for _ in 0..n {
+                let id = d.i()?;
+                sessions.insert(id, d.meta()?);
+            }
+            let n = d.n()?;
+            let merges = (0..n)
+                .map(|_| Ok((d.i()?, d.i()?)))
+                .collect::<DecResult<Vec<(i64, i64)>>>()?;
+            Windows::Session {
+                max_id,
+                sessions,
+                merges,
+            }
+        }
+        (t, _) => return Err(format!("window kind {t} does not match the step's windower")),
+    };
+    let n = d.n()?;
+    let mut queue = std::collections::VecDeque::with_capacity(n);
+    for _ in 0..n {
+        let ts = d.i()?;
+        let src = d.u()? as u32;
+        let line = d.u()?;
+        let value = d.value()?;
+        queue.push_back(Queued {
+            value,
+            ts,
+            at: Origin { src, line },
+        });
+    }
+    let n = d.n()?;
+    let mut accs = HashMap::default();
+    for _ in 0..n {
+        let id = d.i()?;
+        let acc = match (d.u()?, agg) {
+            (0, _) => Acc::Count(d.i()?),
+            (1, Some(spec)) => Acc::Agg(AggAcc::decode(d, spec)?),
+            (t, _) => return Err(format!("accumulator kind {t} does not match the step")),
+        };
+        accs.insert(id, acc);
+    }
+    Ok(KeyState {
+        clock: Clock { base, moved_at },
+        windows,
+        queue,
+        accs,
+        touched: None,
+    })
 }
 
 #[cfg(test)]

@@ -191,9 +191,10 @@ impl Conn {
                     payload,
                     qos,
                     pkid,
+                    dup,
                 }) => {
                     self.stats.received.fetch_add(1, Ordering::Relaxed);
-                    self.route(topic, payload, qos, pkid, generation);
+                    self.route(topic, payload, qos, pkid, dup, generation);
                 }
                 Ok(Ev::PubAck(pkid)) => {
                     if let Some(Tag::Outbox(seq)) = awaiting.remove(&pkid) {
@@ -371,12 +372,14 @@ impl Conn {
 
     /// Hand a message to every source whose filters match it. It is
     /// acknowledged when the last of them has let go of it.
-    fn route(&self, topic: String, payload: bytes::Bytes, qos: u8, pkid: u16, generation: u64) {
+    fn route(&self, topic: String, payload: bytes::Bytes, qos: u8, pkid: u16, dup: bool, generation: u64) {
         let token = (qos > 0).then(|| {
+            self.stats.unacked.fetch_add(1, Ordering::Relaxed);
             Arc::new(AckToken {
                 tx: self.acks_tx.clone(),
                 ack: Ack { generation, pkid },
                 armed: std::sync::atomic::AtomicBool::new(true),
+                stats: self.stats.clone(),
             })
         });
         let topic: Arc<str> = Arc::from(topic);
@@ -395,6 +398,9 @@ impl Conn {
                 topic: topic.clone(),
                 payload: payload.clone(),
                 ack: token.clone(),
+                pkid,
+                dup,
+                generation,
             });
             if sent.is_err() {
                 // The source has ended (its flow stopped): leave the message

@@ -20,6 +20,8 @@ pub(crate) enum Ev {
         payload: Bytes,
         qos: u8,
         pkid: u16,
+        /// Sent again (the broker's DUP flag).
+        dup: bool,
     },
     PubAck(u16),
     /// MQTT 5: the broker took the message but refused it (reason).
@@ -54,6 +56,8 @@ pub(crate) struct LinkOptions {
     /// (topic, payload) of the last will, retained at QoS 1.
     pub will: Option<(String, Vec<u8>)>,
     pub v5: bool,
+    /// QoS 1 messages the broker may have in flight to us (`max_inflight`).
+    pub max_inflight: u16,
 }
 
 /// The largest packet runnel reads or writes. A bigger incoming packet
@@ -102,7 +106,7 @@ pub(crate) fn connect(o: &LinkOptions) -> (Client, Loop) {
         m.set_manual_acks(true);
         m.set_max_packet_size(Some(MAX_PACKET as u32));
         // QoS 1 messages the broker may have in flight to us at once.
-        m.set_receive_maximum(Some(100));
+        m.set_receive_maximum(Some(o.max_inflight));
         if let Some((u, p)) = &o.credentials {
             m.set_credentials(u.clone(), p.clone());
         }
@@ -207,6 +211,7 @@ impl Loop {
                         payload: p.payload,
                         qos: p.qos as u8,
                         pkid: p.pkid,
+                        dup: p.dup,
                     }),
                     Ok(Event::Incoming(Packet::PubAck(a))) => Ok(Ev::PubAck(a.pkid)),
                     Ok(Event::Incoming(Packet::SubAck(s))) => Ok(Ev::SubRefused(
@@ -232,6 +237,7 @@ impl Loop {
                         payload: p.payload,
                         qos: p.qos as u8,
                         pkid: p.pkid,
+                        dup: p.dup,
                     }),
                     Ok(Event::Incoming(Packet::PubAck(a))) => {
                         use v5::mqttbytes::v5::PubAckReason as R;
@@ -344,6 +350,7 @@ pub(crate) fn options(name: &str, b: &BrokerConfig, device_id: &str) -> Result<L
         port,
         keepalive: Duration::from_secs(b.keepalive),
         persistent: b.persistent_session,
+        max_inflight: b.max_inflight,
         credentials,
         tls,
         will: b.status.then(|| (super::status_topic(device_id), b"offline".to_vec())),

@@ -38,8 +38,12 @@ pub(crate) struct Delivery {
     pub payload: bytes::Bytes,
     /// Dropped when the source is done with the message; the last drop
     /// acknowledges it to the broker (QoS 1).
-    #[allow(dead_code)] // held only to be dropped
     pub ack: Option<Arc<AckToken>>,
+    pub pkid: u16,
+    /// The broker sends it again (it was not acknowledged before).
+    pub dup: bool,
+    /// Which connection it came on (counts up with every reconnect).
+    pub generation: u64,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -55,6 +59,8 @@ pub(crate) struct AckToken {
     tx: mpsc::UnboundedSender<Ack>,
     ack: Ack,
     armed: AtomicBool,
+    /// Counts the broker's messages not yet let go of (`unacked`).
+    stats: Arc<BrokerStats>,
 }
 
 impl AckToken {
@@ -65,6 +71,7 @@ impl AckToken {
 
 impl Drop for AckToken {
     fn drop(&mut self) {
+        self.stats.unacked.fetch_sub(1, Ordering::Relaxed);
         if self.armed.load(Ordering::Relaxed) {
             let _ = self.tx.send(self.ack);
         }
@@ -85,6 +92,10 @@ pub(crate) struct Inbox {
     pub rx: mpsc::UnboundedReceiver<Delivery>,
     /// Payload bytes waiting in `rx` (the source subtracts what it takes).
     pub queued: Arc<AtomicUsize>,
+    /// The broker's figures (its count of messages not yet acknowledged).
+    pub stats: Arc<BrokerStats>,
+    /// The broker's `max_inflight`.
+    pub max_inflight: u16,
 }
 
 /// Figures of one connection, for status and logs.
@@ -101,6 +112,9 @@ pub(crate) struct BrokerStats {
     pub rejected: AtomicU64,
     /// Messages a source could no longer take (left unacknowledged).
     pub undeliverable: AtomicU64,
+    /// QoS 1 messages received and not yet let go of by every source
+    /// (`ack="after-commit"` holds them until a checkpoint commits).
+    pub unacked: AtomicU64,
 }
 
 struct Broker {
@@ -165,6 +179,14 @@ impl Hub {
         }
     }
 
+    /// Whether broker `name` keeps a persistent session.
+    pub(crate) fn persistent(&self, name: &str) -> bool {
+        self.brokers
+            .get(name)
+            .and_then(|b| b.opts.as_ref().ok())
+            .is_some_and(|o| o.persistent)
+    }
+
     /// Whether `name` can be used, or why not (for a flow's load error).
     pub(crate) fn check(&self, name: &str) -> Result<(), String> {
         match self.brokers.get(name) {
@@ -188,7 +210,13 @@ impl Hub {
             tx,
             queued: queued.clone(),
         });
-        Ok(Inbox { rx, queued })
+        let max_inflight = b.opts.as_ref().map(|o| o.max_inflight).unwrap_or(20);
+        Ok(Inbox {
+            rx,
+            queued,
+            stats: b.stats.clone(),
+            max_inflight,
+        })
     }
 
     /// A sink will publish on broker `name` (through the outbox).

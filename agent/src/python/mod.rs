@@ -92,6 +92,11 @@ impl PyRunner {
         self.watch.abandoned(what);
     }
 
+    /// Whether anything was abandoned (interrupted while stopping) so far.
+    pub(crate) fn any_abandoned(&self) -> bool {
+        self.watch.any_abandoned()
+    }
+
     pub(crate) fn abandoned(&self) -> Vec<String> {
         self.watch.take_abandoned()
     }

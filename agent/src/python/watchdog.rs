@@ -245,6 +245,10 @@ impl Watch {
         self.abandoned.lock().unwrap_or_else(|p| p.into_inner()).push(what);
     }
 
+    pub(crate) fn any_abandoned(&self) -> bool {
+        !self.abandoned.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+    }
+
     pub(crate) fn take_abandoned(&self) -> Vec<String> {
         std::mem::take(&mut *self.abandoned.lock().unwrap_or_else(|p| p.into_inner()))
     }

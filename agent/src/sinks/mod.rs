@@ -29,6 +29,8 @@ enum Target {
     File {
         path: PathBuf,
         w: Option<BufWriter<File>>,
+        /// Written to since the last checkpoint.
+        changed: bool,
     },
     Mqtt(Box<mqtt::MqttSink>),
     /// A sink that cannot run here (MQTT outside `runnel run`).
@@ -55,6 +57,7 @@ impl OutputOp {
             SinkSpec::File(path) => Target::File {
                 path: path.clone(),
                 w: None,
+                changed: false,
             },
             SinkSpec::Mqtt(m) => match env {
                 Some(env) => Target::Mqtt(Box::new(mqtt::MqttSink::new(flow_id, &step_id, m, env.clone()))),
@@ -107,7 +110,8 @@ impl OutputOp {
             Target::Replay(w) => w.lock().unwrap_or_else(|p| p.into_inner()).write_all(text.as_bytes()),
             Target::Stdout => std::io::stdout().lock().write_all(text.as_bytes()),
             Target::Mqtt(_) | Target::Unavailable(_) => unreachable!("not rendered as text"),
-            Target::File { path, w } => {
+            Target::File { path, w, changed } => {
+                *changed = true;
                 if w.is_none() {
                     if let Some(dir) = path.parent() {
                         let _ = std::fs::create_dir_all(dir);
@@ -143,6 +147,75 @@ impl OutputOp {
 }
 
 impl Operator for OutputOp {
+    fn has_pending(&self) -> bool {
+        matches!(&self.target, Target::Mqtt(m) if m.has_pending())
+    }
+
+    /// MQTT: the messages of this checkpoint. A file: its length, so that a
+    /// restart after a crash cuts what was written after the last checkpoint
+    /// (it is computed again), and the file ends up as an uninterrupted run
+    /// would have written it.
+    fn snapshot(&mut self, cx: &Cx, snap: &mut crate::engine::Snap) {
+        match &mut self.target {
+            Target::Mqtt(m) => m.snapshot(cx, &self.step_id, snap),
+            Target::File { w, changed, .. } if *changed => {
+                let len = match w.as_mut() {
+                    Some(w) => w.flush().and_then(|_| w.get_ref().metadata()).map(|m| m.len()),
+                    None => return,
+                };
+                match len {
+                    Ok(len) => {
+                        *changed = false;
+                        let mut e = crate::engine::snapshot::Enc::default();
+                        e.u(len);
+                        snap.put(&Arc::from(self.step_id.as_str()), "len".into(), e);
+                    }
+                    Err(e) => cx.state_error(&self.step_id, || format!("cannot read the output file's length: {e}")),
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn restore(&mut self, cx: &Cx, rows: Vec<(String, Vec<u8>)>) -> crate::engine::Restored {
+        let Target::File { path, .. } = &self.target else {
+            return Default::default();
+        };
+        let Some((_, bytes)) = rows.iter().find(|(r, _)| r == "len") else {
+            return Default::default();
+        };
+        let len = crate::engine::snapshot::split(bytes).and_then(|r| r.decoder(None)?.u());
+        let Ok(len) = len else {
+            cx.state_error(&self.step_id, || {
+                "the saved length of the output file cannot be read".into()
+            });
+            return Default::default();
+        };
+        let step = &self.step_id;
+        let now = std::fs::metadata(path).map(|m| m.len());
+        match now {
+            Ok(n) if n > len => {
+                match OpenOptions::new().write(true).open(path).and_then(|f| f.set_len(len)) {
+                    Ok(()) => tracing::info!(
+                        "flow {} output {step:?}: cut {} back from {n} to {len} bytes, as of the last checkpoint (what followed is written again)",
+                        cx.flow_id,
+                        path.display()
+                    ),
+                    Err(e) => cx.state_error(step, || {
+                        format!("cannot cut {} back to its checkpointed length {len}: {e}", path.display())
+                    }),
+                }
+            }
+            Ok(n) if n < len => tracing::warn!(
+                "flow {} output {step:?}: {} is shorter ({n} bytes) than at the last checkpoint ({len}); was it rotated? appending",
+                cx.flow_id,
+                path.display()
+            ),
+            _ => {}
+        }
+        Default::default()
+    }
+
     fn on_batch(&mut self, cx: &Cx, _port: usize, batch: Vec<Item>, _out: &mut Out) {
         cx.counters.add(&format!("{}.items", self.step_id), batch.len() as u64);
         if batch.iter().any(|i| i.v.has_py()) {

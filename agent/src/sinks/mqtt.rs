@@ -1,7 +1,8 @@
 //! The MQTT sink: renders each item as a message (an envelope with a
-//! stable `id` and a per-sink `seq`) and hands it to the store's writer for
-//! the broker's outbox (with `outbox_full = "block"` it waits for the
-//! commit). Delivery from there is the broker connection's job
+//! stable `id` and a per-sink `seq`) and holds it for the flow's next
+//! checkpoint, which commits it to the broker's outbox together with the
+//! state that produced it (the engine checkpoints at once when a sink holds
+//! messages). Delivery from there is the broker connection's job
 //! (`mqtt/conn.rs`), which only ever sees committed entries.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,8 +48,8 @@ pub(crate) struct MqttSink {
     /// `flow/step`: the name of this sink's seq in the store.
     name: Arc<str>,
     seq: u64,
-    /// Commits handed to the writer and not yet answered: (entries, answer).
-    in_flight: std::collections::VecDeque<(u64, std::sync::mpsc::Receiver<Result<(), String>>)>,
+    /// Messages waiting for the next checkpoint.
+    pending: Vec<Entry>,
 }
 
 fn parse_template(t: &str) -> Vec<Part> {
@@ -109,7 +110,7 @@ impl MqttSink {
             env,
             name,
             seq,
-            in_flight: Default::default(),
+            pending: Vec::new(),
         }
     }
 
@@ -170,7 +171,7 @@ impl MqttSink {
         (key.map(|k| k.to_string()), Value::Map(fields))
     }
 
-    /// Commit `values` to the outbox (waiting for room with `block`).
+    /// Render `values` as messages for the next checkpoint.
     pub(crate) fn write<V: std::borrow::Borrow<Value>>(&mut self, cx: &Cx, step: &str, values: &[V]) {
         let mut entries = Vec::with_capacity(values.len());
         let mut seq = self.seq;
@@ -216,130 +217,61 @@ impl MqttSink {
                 },
             ));
         }
-        if entries.is_empty() {
+        self.seq = seq;
+        self.pending.extend(entries.into_iter().map(|(_, e)| e));
+    }
+
+    /// Whether messages wait for the next checkpoint.
+    pub(crate) fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Hand the messages written since the last checkpoint to it: they are
+    /// committed to the outbox together with the state that produced them.
+    /// With `block`, wait for room first (so the outbox stays within its
+    /// bound, give or take one checkpoint of another sink); if runnel stops
+    /// while the outbox stays full, the checkpoint is called off (`abort`):
+    /// the next start computes these messages again from the last one.
+    pub(crate) fn snapshot(&mut self, cx: &Cx, step: &str, snap: &mut crate::engine::Snap) {
+        if self.pending.is_empty() {
             return;
         }
-        // With `block`, commit as much as fits and wait for room for the
-        // rest, so the outbox stays within its bound (a lone entry larger
-        // than the bound still goes in when the outbox is empty).
-        let mut entries = entries.into_iter().peekable();
-        let mut next_seq = self.seq;
-        while entries.peek().is_some() {
-            let first = entries.peek().map(|(_, e)| e.charge_in(&self.broker)).unwrap_or(0);
-            let stopping = self.env.stopping.clone();
-            let boxes = self.env.store.outboxes();
-            // While the agent stops, the forwarder may still make room: give
-            // up only after GIVE_UP_AFTER of stopping.
-            let since: std::cell::Cell<Option<std::time::Instant>> = Default::default();
-            let give_up = || {
-                if !stopping.load(Ordering::Relaxed) {
-                    return false;
-                }
-                let t = since.get().unwrap_or_else(std::time::Instant::now);
-                since.set(Some(t));
-                t.elapsed() >= GIVE_UP_AFTER
-            };
-            if !boxes.wait_for_room(&self.broker, first, &give_up) {
-                let n = entries.count() as u64;
-                cx.counters.add(&format!("{step}.write_errors"), n);
-                cx.py.note_abandoned(format!(
-                    "{n} message(s) of flow {} output {step:?} that did not fit in the full outbox",
-                    cx.flow_id
-                ));
-                tracing::error!(
-                    "flow {} output {step:?}: stopping while the outbox of broker {} is full; {n} message(s) not written",
-                    cx.flow_id,
-                    self.broker
-                );
-                return;
+        let bytes: u64 = self.pending.iter().map(|e| e.charge_in(&self.broker)).sum();
+        let stopping = self.env.stopping.clone();
+        let since: std::cell::Cell<Option<std::time::Instant>> = Default::default();
+        let give_up = || {
+            if !stopping.load(Ordering::Relaxed) {
+                return false;
             }
-            // `block` waits for each commit, so that the bound holds exactly.
-            let room_left = boxes.room(&self.broker);
-            let blocking = room_left.is_some();
-            let mut room = room_left.unwrap_or(u64::MAX);
-            let mut chunk = Vec::new();
-            while let Some((seq, e)) = entries.next_if(|(_, e)| chunk.is_empty() || e.charge_in(&self.broker) <= room) {
-                room = room.saturating_sub(e.charge_in(&self.broker));
-                next_seq = seq;
-                chunk.push(e);
-            }
-            let n = chunk.len() as u64;
-            let append = vec![Op::Append {
-                broker: self.broker.clone(),
-                sink: self.name.clone(),
-                last_seq: next_seq,
-                entries: chunk,
-            }];
-            if !blocking {
-                // Hand the entries to the writer and go on: appends queued
-                // while it syncs share the next commit, so a burst of results
-                // (every key's window closing at one boundary) costs a few
-                // fsyncs, not one per engine batch. Nothing is less durable
-                // than waiting would make it: the results exist nowhere else
-                // until the commit either way (window state is not kept yet).
-                // At most IN_FLIGHT commits are waited for, so a slow disk
-                // holds the flow back instead of filling memory.
-                self.settle(cx, step, IN_FLIGHT - 1);
-                self.in_flight.push_back((n, self.env.store.submit_tracked(append)));
-                self.seq = next_seq;
-                cx.counters.add(&format!("{step}.queued"), n);
-                continue;
-            }
-            match self.env.store.commit(append) {
-                Ok(()) => {
-                    self.seq = next_seq;
-                    cx.counters.add(&format!("{step}.queued"), n);
-                }
-                Err(e) => {
-                    cx.counters.add(&format!("{step}.write_errors"), n);
-                    cx.warnings
-                        .warn(&format!("flow {} output {step}: outbox", cx.flow_id), || {
-                            format!(
-                                "flow {} output {step:?}: cannot commit {n} message(s) to the outbox: {e}",
-                                cx.flow_id
-                            )
-                        });
-                }
-            }
+            let t = since.get().unwrap_or_else(std::time::Instant::now);
+            since.set(Some(t));
+            t.elapsed() >= GIVE_UP_AFTER
+        };
+        if !self.env.store.outboxes().wait_for_room(&self.broker, bytes, &give_up) {
+            let n = self.pending.len();
+            tracing::error!(
+                "flow {} output {step:?}: stopping while the outbox of broker {} is full; the last checkpoint is not taken, so the {n} message(s) it would add are computed again after the next start",
+                cx.flow_id,
+                self.broker
+            );
+            snap.abort = Some(format!("the outbox of broker {} is full", self.broker));
+            return;
         }
+        let entries = std::mem::take(&mut self.pending);
+        let n = entries.len() as u64;
+        snap.ops.push(Op::Append {
+            broker: self.broker.clone(),
+            sink: self.name.clone(),
+            last_seq: self.seq,
+            entries,
+        });
+        let counters = cx.counters.clone();
+        let name = format!("{step}.queued");
+        let errors = format!("{step}.write_errors");
+        snap.after
+            .push(Box::new(move |ok| counters.add(if ok { &name } else { &errors }, n)));
     }
 }
-
-impl MqttSink {
-    /// Wait until at most `keep` commits of this sink are in flight,
-    /// counting the ones that failed.
-    fn settle(&mut self, cx: &Cx, step: &str, keep: usize) {
-        loop {
-            let finished = match self.in_flight.front() {
-                None => return,
-                Some((_, rx)) if self.in_flight.len() > keep => Some(rx.recv()),
-                Some((_, rx)) => match rx.try_recv() {
-                    Ok(r) => Some(Ok(r)),
-                    Err(std::sync::mpsc::TryRecvError::Empty) => None,
-                    Err(std::sync::mpsc::TryRecvError::Disconnected) => Some(Err(std::sync::mpsc::RecvError)),
-                },
-            };
-            let Some(result) = finished else { return };
-            let (n, _) = self.in_flight.pop_front().expect("front exists");
-            let error = match result {
-                Ok(Ok(())) => continue,
-                Ok(Err(e)) => e,
-                Err(_) => "the store writer has stopped".into(),
-            };
-            cx.counters.add(&format!("{step}.write_errors"), n);
-            cx.warnings
-                .warn(&format!("flow {} output {step}: outbox", cx.flow_id), || {
-                    format!(
-                        "flow {} output {step:?}: cannot commit {n} message(s) to the outbox: {error}",
-                        cx.flow_id
-                    )
-                });
-        }
-    }
-}
-
-/// Commits a sink may have in flight before it waits for the oldest.
-const IN_FLIGHT: usize = 8;
 
 #[cfg(test)]
 mod tests {

@@ -1,28 +1,66 @@
-//! The file source: JSON lines or CSV, read once from start to end.
+//! The file source: JSON lines or CSV, read once from start to end (or
+//! from a checkpoint's position: every batch tells the engine the byte
+//! offset and line number after it).
 //!
 //! A line that is not UTF-8, not JSON, or a CSV row with the wrong number
 //! of cells is counted, logged with file and line (rate-limited) and
 //! skipped; reading goes on.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::{SourceCtx, SourceMsg, BATCH};
+use super::{FilePos, Mark, SourceCtx, SourceMsg, BATCH};
 use crate::decode::row;
 use crate::flow::Decode;
 use crate::json::Decoder;
 use crate::value::{Item, Origin};
 
-pub(super) fn read(path: PathBuf, decode: Decode, cx: SourceCtx) {
+pub(super) fn read(path: PathBuf, decode: Decode, start: Option<FilePos>, cx: SourceCtx) {
     let shown = path.display().to_string();
     match File::open(&path) {
-        Ok(f) => {
-            let reader = BufReader::with_capacity(256 * 1024, f);
+        Ok(mut f) => {
+            let meta = f.metadata().ok();
+            let len = meta.as_ref().map(|m| m.len()).unwrap_or(0);
+            // A named pipe has no position to resume at: what was in it is gone.
+            let regular = meta.as_ref().is_some_and(|m| m.is_file());
+            let start = match start {
+                _ if !regular => FilePos::default(),
+                Some(p) if p.offset > len => {
+                    tracing::warn!(
+                        "flow {} input {:?}: {shown} is shorter ({len} bytes) than where the last checkpoint left it ({} bytes); was it replaced? reading it from the start",
+                        cx.flow_id,
+                        cx.step_id,
+                        p.offset
+                    );
+                    FilePos::default()
+                }
+                Some(p) => p,
+                None => FilePos::default(),
+            };
+            if start.offset > 0 {
+                tracing::info!(
+                    "flow {} input {:?}: resuming {shown} after line {} (byte {})",
+                    cx.flow_id,
+                    cx.step_id,
+                    start.line,
+                    start.offset
+                );
+            }
             match decode {
-                Decode::JsonLines => read_jsonl(reader, &shown, &cx),
-                Decode::Csv => read_csv(reader, &shown, &cx),
+                Decode::JsonLines => {
+                    if let Err(e) = seek(&mut f, start) {
+                        tracing::error!(
+                            "flow {} input {:?}: cannot seek in {shown}: {e}",
+                            cx.flow_id,
+                            cx.step_id
+                        );
+                    } else {
+                        read_jsonl(BufReader::with_capacity(256 * 1024, f), &shown, start, &cx);
+                    }
+                }
+                Decode::Csv => read_csv(f, &shown, start, &cx),
             }
         }
         Err(e) => {
@@ -35,6 +73,14 @@ pub(super) fn read(path: PathBuf, decode: Decode, cx: SourceCtx) {
         }
     }
     let _ = cx.tx.blocking_send(SourceMsg::Eof(cx.input));
+}
+
+/// Go to `start` (a named pipe is never asked to: it cannot seek).
+fn seek(f: &mut File, start: FilePos) -> std::io::Result<()> {
+    if start.offset > 0 {
+        f.seek(SeekFrom::Start(start.offset))?;
+    }
+    Ok(())
 }
 
 fn bad(cx: &SourceCtx, file: &str, line: u64, why: String) {
@@ -50,28 +96,32 @@ fn bad(cx: &SourceCtx, file: &str, line: u64, why: String) {
     );
 }
 
-fn send(cx: &SourceCtx, batch: &mut Vec<Item>) -> bool {
+fn send(cx: &SourceCtx, batch: &mut Vec<Item>, pos: FilePos) -> bool {
     if batch.is_empty() {
         return true;
     }
     cx.reap();
     let full = std::mem::replace(batch, Vec::with_capacity(BATCH));
-    cx.tx.blocking_send(SourceMsg::Batch(cx.input, full)).is_ok()
+    cx.tx
+        .blocking_send(SourceMsg::Batch(cx.input, full, Mark::File(pos)))
+        .is_ok()
 }
 
-fn read_jsonl(mut reader: BufReader<File>, file: &str, cx: &SourceCtx) {
+fn read_jsonl(mut reader: BufReader<File>, file: &str, start: FilePos, cx: &SourceCtx) {
     let mut decoder = Decoder::default();
     let mut buf = Vec::with_capacity(4096);
     let mut batch = Vec::with_capacity(BATCH);
-    let mut line = 0u64;
+    let mut line = start.line;
+    let mut offset = start.offset;
     loop {
+        let pos = FilePos { offset, line };
         // About to wait for more bytes (a FIFO or a growing file): hand over
         // what has been read, so live readings are not held back.
-        if !batch.is_empty() && memchr::memchr(b'\n', reader.buffer()).is_none() && !send(cx, &mut batch) {
+        if !batch.is_empty() && memchr::memchr(b'\n', reader.buffer()).is_none() && !send(cx, &mut batch, pos) {
             return;
         }
         buf.clear();
-        let too_long = match read_record(&mut reader, &mut buf) {
+        let too_long = match read_record(&mut reader, &mut buf, &mut offset) {
             Ok(None) => break,
             Ok(Some(too_long)) => too_long,
             Err(e) => {
@@ -100,11 +150,11 @@ fn read_jsonl(mut reader: BufReader<File>, file: &str, cx: &SourceCtx) {
                 Ok(_) => bad(cx, file, line, format!("not JSON ({e})")),
             },
         }
-        if batch.len() >= BATCH && !send(cx, &mut batch) {
+        if batch.len() >= BATCH && !send(cx, &mut batch, FilePos { offset, line }) {
             return;
         }
     }
-    send(cx, &mut batch);
+    send(cx, &mut batch, FilePos { offset, line });
 }
 
 /// The longest record a source accepts; longer ones are skipped (a stuck
@@ -114,7 +164,7 @@ pub(crate) const MAX_RECORD: usize = 1 << 20;
 /// Read one line into `buf` (without keeping more than `MAX_RECORD` bytes).
 /// `None` at end of input; `Some(true)` if the line was too long (its bytes
 /// are consumed and dropped).
-fn read_record(reader: &mut BufReader<File>, buf: &mut Vec<u8>) -> std::io::Result<Option<bool>> {
+fn read_record(reader: &mut BufReader<File>, buf: &mut Vec<u8>, offset: &mut u64) -> std::io::Result<Option<bool>> {
     // Room for the record and its line ending ("\r\n").
     const KEEP: usize = MAX_RECORD + 2;
     let mut too_long = false;
@@ -143,6 +193,7 @@ fn read_record(reader: &mut BufReader<File>, buf: &mut Vec<u8>) -> std::io::Resu
             }
         }
         reader.consume(n);
+        *offset += n as u64;
         if done {
             break;
         }
@@ -163,13 +214,15 @@ struct HandOver<'a> {
     cx: &'a SourceCtx,
     pending: std::rc::Rc<std::cell::RefCell<Vec<Item>>>,
     closed: std::rc::Rc<std::cell::Cell<bool>>,
+    /// Where the records handled so far end.
+    pos: std::rc::Rc<std::cell::Cell<FilePos>>,
 }
 
 impl std::io::Read for HandOver<'_> {
     fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
         if self.inner.buffer().is_empty() {
             let mut pending = self.pending.borrow_mut();
-            if !pending.is_empty() && !send(self.cx, &mut pending) {
+            if !pending.is_empty() && !send(self.cx, &mut pending, self.pos.get()) {
                 self.closed.set(true);
                 return Ok(0);
             }
@@ -178,24 +231,66 @@ impl std::io::Read for HandOver<'_> {
     }
 }
 
-fn read_csv(reader: BufReader<File>, file: &str, cx: &SourceCtx) {
+/// The header of a CSV file: its first record.
+fn csv_header(f: &File) -> Option<Vec<Arc<str>>> {
+    let mut rdr = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .from_reader(BufReader::new(f));
+    let mut record = csv::ByteRecord::new();
+    match rdr.read_byte_record(&mut record) {
+        Ok(true) => {
+            let cells: Result<Vec<&str>, _> = record.iter().map(std::str::from_utf8).collect();
+            cells.ok().map(|c| c.iter().map(|c| Arc::from(c.trim())).collect())
+        }
+        _ => None,
+    }
+}
+
+fn read_csv(mut f: File, file: &str, start: FilePos, cx: &SourceCtx) {
+    // Resuming: the header comes from the file's start, the rows from the
+    // checkpoint's position on.
+    let mut header: Option<Vec<Arc<str>>> = None;
+    if start.offset > 0 {
+        header = csv_header(&f);
+        if header.is_none() {
+            tracing::error!(
+                "flow {} input {:?}: cannot read the header of {file} again; reading it from the start",
+                cx.flow_id,
+                cx.step_id
+            );
+        }
+    }
+    let start = if header.is_some() { start } else { FilePos::default() };
+    if let Err(e) = seek(&mut f, start) {
+        tracing::error!("flow {} input {:?}: cannot seek in {file}: {e}", cx.flow_id, cx.step_id);
+        return;
+    }
     let pending = std::rc::Rc::new(std::cell::RefCell::new(Vec::with_capacity(BATCH)));
     let closed = std::rc::Rc::new(std::cell::Cell::new(false));
+    let pos = std::rc::Rc::new(std::cell::Cell::new(start));
     let hand_over = HandOver {
-        inner: reader,
+        inner: BufReader::with_capacity(256 * 1024, f),
         cx,
         pending: pending.clone(),
         closed: closed.clone(),
+        pos: pos.clone(),
     };
     let mut rdr = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
         .from_reader(hand_over);
-    let mut header: Option<Vec<Arc<str>>> = None;
     let mut record = csv::ByteRecord::new();
+    // The csv reader counts from where it began; lines are 1-based.
+    let at = |p: &csv::Position| FilePos {
+        offset: start.offset + p.byte(),
+        line: start.line + p.line() - 1,
+    };
     loop {
-        let line = rdr.position().line();
-        match rdr.read_byte_record(&mut record) {
+        let line = at(rdr.position()).line + 1;
+        let result = rdr.read_byte_record(&mut record);
+        pos.set(at(rdr.position()));
+        match result {
             Ok(false) => break,
             Ok(true) => {}
             Err(e) => {
@@ -203,7 +298,7 @@ fn read_csv(reader: BufReader<File>, file: &str, cx: &SourceCtx) {
                 continue;
             }
         }
-        let line = record.position().map(|p| p.line()).unwrap_or(line);
+        let line = record.position().map(|p| at(p).line + 1).unwrap_or(line);
         let cells: Result<Vec<&str>, _> = record.iter().map(std::str::from_utf8).collect();
         let Ok(cells) = cells else {
             bad(cx, file, line, "not UTF-8".into());
@@ -224,9 +319,9 @@ fn read_csv(reader: BufReader<File>, file: &str, cx: &SourceCtx) {
         }
         let mut batch = pending.borrow_mut();
         batch.push(Item::new(row(names, &cells), Origin { src: cx.origin, line }));
-        if closed.get() || (batch.len() >= BATCH && !send(cx, &mut batch)) {
+        if closed.get() || (batch.len() >= BATCH && !send(cx, &mut batch, pos.get())) {
             return;
         }
     }
-    send(cx, &mut pending.borrow_mut());
+    send(cx, &mut pending.borrow_mut(), pos.get());
 }

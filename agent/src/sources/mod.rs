@@ -7,7 +7,7 @@
 mod file;
 mod mqtt;
 
-pub(crate) use mqtt::MqttInput;
+pub(crate) use mqtt::{Held as MqttHeld, MqttInput};
 
 use std::path::PathBuf;
 
@@ -22,9 +22,47 @@ pub(crate) const BATCH: usize = 1024;
 
 /// What sources tell the engine.
 pub(crate) enum SourceMsg {
-    Batch(usize, Vec<Item>),
+    /// Items for input `usize`, and where the source will be once the
+    /// engine has taken them (what a checkpoint records).
+    Batch(usize, Vec<Item>, Mark),
     /// The source of input `usize` has ended.
     Eof(usize),
+}
+
+/// A source's position after a batch.
+pub(crate) enum Mark {
+    None,
+    /// A file: the byte offset and line number after the batch's last record.
+    File(FilePos),
+    /// MQTT with `ack="after-commit"`: the batch's messages, acknowledged
+    /// once the checkpoint that includes them is committed.
+    Mqtt(mqtt::Held),
+}
+
+/// Where a file source resumes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct FilePos {
+    pub offset: u64,
+    pub line: u64,
+}
+
+impl FilePos {
+    pub(crate) fn encode(&self) -> crate::engine::snapshot::Enc {
+        let mut e = crate::engine::snapshot::Enc::default();
+        e.u(self.offset);
+        e.u(self.line);
+        e
+    }
+    pub(crate) fn decode(row: &[u8]) -> Result<FilePos, String> {
+        let raw = crate::engine::snapshot::split(row)?;
+        let mut d = raw.decoder(None)?;
+        let pos = FilePos {
+            offset: d.u()?,
+            line: d.u()?,
+        };
+        d.done()?;
+        Ok(pos)
+    }
 }
 
 /// Everything a running source needs.
@@ -60,6 +98,8 @@ pub(crate) enum SourceConfig {
     File {
         path: PathBuf,
         decode: Decode,
+        /// Resume here (a checkpoint's position) instead of the start.
+        start: Option<FilePos>,
     },
     Mqtt(MqttInput),
     /// A source that cannot run here (an MQTT input outside `runnel run`):
@@ -73,6 +113,7 @@ impl SourceConfig {
             SourceSpec::File { path, decode } => SourceConfig::File {
                 path: path.clone(),
                 decode: *decode,
+                start: None,
             },
             SourceSpec::Mqtt(m) => SourceConfig::Unavailable(format!(
                 "an MQTT source (broker {}) needs the agent (runnel run)",
@@ -93,8 +134,8 @@ impl SourceConfig {
     /// Start reading; the source sends `Eof` when done (also after errors).
     pub(crate) fn start(self, cx: SourceCtx, rt: &tokio::runtime::Handle) {
         match self {
-            SourceConfig::File { path, decode } => {
-                rt.spawn_blocking(move || file::read(path, decode, cx));
+            SourceConfig::File { path, decode, start } => {
+                rt.spawn_blocking(move || file::read(path, decode, start, cx));
             }
             SourceConfig::Mqtt(m) => {
                 rt.spawn(mqtt::read(m, cx));

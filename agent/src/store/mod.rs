@@ -4,14 +4,15 @@
 //! operations and (if they need durability) wait for the reply. The writer
 //! takes everything queued, applies it in one transaction and commits
 //! once (group commit: an fsync costs milliseconds on an SD card, so many
-//! small writes must share one). Tenants: the MQTT outbox today, window
-//! snapshots next; an operation is one enum arm, so a snapshot and the
-//! outbox entries it produced can share a transaction.
+//! small writes must share one). Tenants: the MQTT outbox and the flows'
+//! snapshots (`state.rs`); an operation is one enum arm, so a snapshot and
+//! the outbox entries it produced share a transaction.
 //!
 //! Readers (the forwarders) open read transactions of their own; redb
 //! lets them run while the writer commits.
 
 pub(crate) mod outbox;
+pub(crate) mod state;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -29,8 +30,9 @@ const SINK_SEQ: TableDefinition<&str, u64> = TableDefinition::new("sink_seq");
 /// Schema version and other small facts.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
-/// Bumped when the layout of a table changes incompatibly.
-const SCHEMA_VERSION: u64 = 1;
+/// Bumped when the layout of a table changes. Version 1 (outbox only) is
+/// read and upgraded in place: version 2 only adds the state tables.
+const SCHEMA_VERSION: u64 = 2;
 
 /// One change to the store.
 pub(crate) enum Op {
@@ -43,11 +45,16 @@ pub(crate) enum Op {
     },
     /// The broker acknowledged these entries.
     Delete { broker: Arc<str>, seqs: Vec<u64> },
+    /// A flow's snapshot rows, its step fingerprints, steps set aside.
+    State(state::StateOp),
 }
+
+/// Told the outcome of the commit its request went into.
+pub(crate) type Done = Box<dyn FnOnce(Result<(), String>) + Send>;
 
 struct Request {
     ops: Vec<Op>,
-    done: Option<mpsc::Sender<Result<(), String>>>,
+    done: Option<Done>,
     /// Make this commit durable even if it only deletes.
     durable: bool,
 }
@@ -132,18 +139,27 @@ impl Store {
     /// (for callers that keep a bounded number of commits in flight).
     pub(crate) fn submit_tracked(&self, ops: Vec<Op>) -> mpsc::Receiver<Result<(), String>> {
         let (done, wait) = mpsc::channel();
-        if self
-            .tx
-            .send(Request {
-                ops,
-                done: Some(done.clone()),
-                durable: true,
-            })
-            .is_err()
-        {
-            let _ = done.send(Err("the store writer has stopped".into()));
-        }
+        self.submit_then(
+            ops,
+            Box::new(move |r| {
+                let _ = done.send(r);
+            }),
+        );
         wait
+    }
+
+    /// Apply `ops` in the next durable commit, then call `done` with the
+    /// outcome (on the writer thread: keep it short).
+    pub(crate) fn submit_then(&self, ops: Vec<Op>, done: Done) {
+        if let Err(mpsc::SendError(req)) = self.tx.send(Request {
+            ops,
+            done: Some(done),
+            durable: true,
+        }) {
+            if let Some(done) = req.done {
+                done(Err("the store writer has stopped".into()));
+            }
+        }
     }
 
     /// Apply `ops` in the next commit without waiting (a failed commit is
@@ -190,6 +206,14 @@ impl Store {
             tracing::error!("cannot read the seq of sink {sink} from the state file: {e}; starting at 0");
             0
         })
+    }
+
+    /// What the store holds of `flow`'s steps (rows and fingerprints).
+    pub(crate) fn flow_state(
+        &self,
+        flow: &str,
+    ) -> Result<std::collections::BTreeMap<String, state::StepState>, String> {
+        state::load(&self.db, flow).map_err(|e| e.to_string())
     }
 
     /// Up to `n` outbox entries of `broker` from seq `from` on, in order.
@@ -247,10 +271,19 @@ fn open_db(path: &Path) -> Result<Database, OpenError> {
                         .map_err(|e| e.to_string())?;
                 }
                 Some(SCHEMA_VERSION) => {}
+                Some(1) => {
+                    tracing::info!(
+                        "state file {}: upgrading schema version 1 to {SCHEMA_VERSION}",
+                        path.display()
+                    );
+                    meta.insert("schema_version", SCHEMA_VERSION)
+                        .map_err(|e| e.to_string())?;
+                }
                 Some(v) => return Err(format!("schema version {v}, this runnel reads {SCHEMA_VERSION}")),
             }
             txn.open_table(OUTBOX).map_err(|e| e.to_string())?;
             txn.open_table(SINK_SEQ).map_err(|e| e.to_string())?;
+            state::create_tables(&txn).map_err(|e| e.to_string())?;
         }
         txn.commit().map_err(|e| e.to_string())
     };
@@ -311,7 +344,7 @@ fn writer(
         }
         for req in batch {
             if let Some(done) = req.done {
-                let _ = done.send(result.clone());
+                done(result.clone());
             }
         }
     }
@@ -333,6 +366,7 @@ fn apply(db: &Database, boxes: &outbox::Outboxes, batch: &mut [Request], durable
     {
         let mut table = txn.open_table(OUTBOX).map_err(|e| e.to_string())?;
         let mut seqs = txn.open_table(SINK_SEQ).map_err(|e| e.to_string())?;
+        let mut tables = state::Tables::open(&txn).map_err(|e| e.to_string())?;
         for req in batch.iter_mut() {
             for op in std::mem::take(&mut req.ops) {
                 match op {
@@ -352,6 +386,7 @@ fn apply(db: &Database, boxes: &outbox::Outboxes, batch: &mut [Request], durable
                             .delete(&mut table, &broker, &seqs, &mut changes)
                             .map_err(|e| e.to_string())?;
                     }
+                    Op::State(op) => tables.apply(op).map_err(|e| e.to_string())?,
                 }
             }
         }

@@ -157,14 +157,6 @@ impl Outboxes {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// For `block`: bytes that still fit in `broker`'s outbox (`None`: no
-    /// waiting bound, as with `drop-oldest`).
-    pub(crate) fn room(&self, broker: &str) -> Option<u64> {
-        let state = self.lock();
-        let s = state.get(broker)?;
-        (s.policy.full == Full::Block).then(|| s.policy.max_bytes.saturating_sub(s.depth.bytes))
-    }
-
     pub(crate) fn depth(&self, broker: &str) -> Depth {
         self.lock().get(broker).map(|s| s.depth).unwrap_or_default()
     }

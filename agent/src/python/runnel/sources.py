@@ -66,7 +66,8 @@ _MQTT_DECODES = ("json", "cbor", "csv", "kv", "raw")
 class _MqttSource(Source):
     kind = "mqtt"
 
-    def __init__(self, topics, broker, qos, decode, columns, topic_field, max_payload):
+    def __init__(self, topics, broker, qos, decode, columns, topic_field, max_payload, ack):
+        self.ack = ack
         self.topics = topics
         self.broker = broker
         self.qos = qos
@@ -107,6 +108,7 @@ def mqtt(
     columns=None,
     topic_field=None,
     max_payload: int = 262144,
+    ack: str = "on-receive",
 ) -> Source:
     """Subscribe to MQTT topics on a broker of the agent's config
     (`[brokers.NAME]` in `runnel.toml`); every message becomes items.
@@ -132,8 +134,15 @@ def mqtt(
     `"raw"` (the payload as a `str`). A payload that does not decode, or is
     longer than `max_payload` bytes, is counted, logged and skipped.
 
-    `qos` is the subscription's QoS (0 or 1). A message is acknowledged to the
-    broker once its items are handed to the flow.
+    `qos` is the subscription's QoS (0 or 1). `ack` says when a QoS 1 message
+    is acknowledged to the broker: `"on-receive"` (the default) once its items
+    are handed to the flow, so a crash loses at most the last
+    `snapshot_interval` of readings; `"after-commit"` only once the state they
+    changed is committed to the state file, so a crash or power cut loses
+    nothing (the broker sends the rest again, and runnel counts each reading
+    once). `"after-commit"` needs QoS 1 and `persistent_session = true` on the
+    broker, and commits every few messages (see `max_inflight`), which costs
+    SD-card writes.
 
     ```python
     rows = op.input("rows", flow, sources.mqtt(["plant/+/csv", "plant/line2/#"],
@@ -164,4 +173,8 @@ def mqtt(
         raise TypeError(f"{where}: `topic_field` must be a non-empty str or None; got {topic_field!r}")
     if isinstance(max_payload, bool) or not isinstance(max_payload, int) or max_payload < 1:
         raise ValueError(f"{where}: `max_payload` must be a positive int (bytes); got {max_payload!r}")
-    return _MqttSource(list(topics), broker, qos, decode, columns, topic_field, max_payload)
+    if ack not in ("on-receive", "after-commit"):
+        raise ValueError(f"{where}: `ack` must be \"on-receive\" or \"after-commit\"; got {ack!r}")
+    if ack == "after-commit" and qos != 1:
+        raise ValueError(f"{where}: ack=\"after-commit\" needs qos=1 (QoS 0 messages are never acknowledged)")
+    return _MqttSource(list(topics), broker, qos, decode, columns, topic_field, max_payload, ack)
