@@ -411,8 +411,23 @@ fn load_on_python_thread(py: Python<'_>, path: &Path, source: &str) -> Result<Fl
         .getattr("compile")
         .and_then(|c| c.call1((source, &file, "exec")))
         .map_err(fail)?;
-    let globals = PyDict::new(py);
-    globals.set_item("__name__", "__runnel_flow__").map_err(fail)?;
+    // A module of its own in sys.modules, so that instances of classes the
+    // flow file defines can be pickled into the state file (and unpickled).
+    let stem: String = Path::new(&file)
+        .file_stem()
+        .map(|s| {
+            s.to_string_lossy()
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                .collect()
+        })
+        .unwrap_or_default();
+    let module = pyo3::types::PyModule::new(py, &format!("_runnel_flow_{stem}")).map_err(fail)?;
+    py.import("sys")
+        .and_then(|s| s.getattr("modules"))
+        .and_then(|m| m.set_item(module.name()?, &module))
+        .map_err(fail)?;
+    let globals = module.dict();
     globals.set_item("__file__", &file).map_err(fail)?;
     globals.set_item("__builtins__", &builtins).map_err(fail)?;
     builtins

@@ -459,6 +459,16 @@ op.output("out", w.down, sinks.stdout())
     };
     let bad = write_file(tmp.path(), "bad.py", &flow(r#"lambda: {"f": lambda x: x}"#));
     let good = write_file(tmp.path(), "good.py", &flow(r#"lambda: {"n": 0}"#));
+    // A class the flow file defines pickles too (the file is a module of its own).
+    let class = write_file(
+        tmp.path(),
+        "class.py",
+        &flow("Acc").replace(
+            "flow = Dataflow",
+            "class Acc:\n    n = 0
+flow = Dataflow",
+        ),
+    );
     let run = |path: &Path| {
         runnel_tests::run_ok(
             runnel_tests::runnel_command(tmp.path()).arg("check").arg(path),
@@ -471,6 +481,8 @@ op.output("out", w.down, sinks.stdout())
         "{}",
         done.stderr_text()
     );
-    let done = run(&good);
-    assert!(!done.stderr_text().contains("pickled"), "{}", done.stderr_text());
+    for path in [&good, &class] {
+        let done = run(path);
+        assert!(!done.stderr_text().contains("pickled"), "{}", done.stderr_text());
+    }
 }

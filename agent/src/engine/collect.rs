@@ -92,16 +92,16 @@ impl Operator for CollectOp {
         }
     }
 
-    fn snapshot(&mut self, _cx: &Cx, snap: &mut Snap) {
+    fn snapshot(&mut self, cx: &Cx, snap: &mut Snap) {
         let step: Arc<str> = Arc::from(self.step_id.as_str());
-        let now = Instant::now();
+        let clock = cx.clock.get();
         for k in self.dirty.drain() {
             let row = format!("k:{k}");
             match self.lists.get(&k) {
                 None => snap.delete(&step, row),
                 Some((last, values)) => {
                     let mut e = Enc::default();
-                    e.i(snapshot::micros_of(now.saturating_duration_since(*last)));
+                    e.i(clock.at(*last));
                     e.u(values.len() as u64);
                     for v in values {
                         e.value(v);
@@ -114,6 +114,7 @@ impl Operator for CollectOp {
 
     fn restore(&mut self, cx: &Cx, rows: Vec<(String, Vec<u8>)>) -> Restored {
         let now = Instant::now();
+        let clock = cx.clock.get();
         let mut done = Restored::default();
         let decode = |py: Option<pyo3::Python<'_>>, rows: Vec<(String, Vec<u8>)>| {
             rows.into_iter()
@@ -122,11 +123,11 @@ impl Operator for CollectOp {
                         let key: Arc<str> = Arc::from(row.strip_prefix("k:").ok_or("not a key row")?);
                         let raw = snapshot::split(&bytes)?;
                         let mut d = raw.decoder(py)?;
-                        let age = Duration::from_micros(d.i()?.max(0) as u64);
+                        let last = d.i()?;
                         let n = d.n()?;
                         let values = (0..n).map(|_| d.value()).collect::<Result<Vec<_>, _>>()?;
                         d.done()?;
-                        Ok::<_, String>((key, age, values))
+                        Ok::<_, String>((key, last, values))
                     })();
                     (row, r)
                 })
@@ -148,10 +149,10 @@ impl Operator for CollectOp {
         };
         for (row, r) in decoded {
             match r {
-                Ok((key, age, values)) => {
+                Ok((key, last, values)) => {
                     done.keys += 1;
                     done.queued += values.len() as u64;
-                    self.lists.insert(key, (now.checked_sub(age).unwrap_or(now), values));
+                    self.lists.insert(key, (clock.instant(last, now), values));
                 }
                 Err(why) => {
                     done.bad_rows += 1;

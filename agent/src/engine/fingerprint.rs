@@ -109,10 +109,23 @@ def digest(f):
         h.update(repr(c.co_names).encode())
         h.update(repr(c.co_varnames).encode())
         for k in c.co_consts:
-            if hasattr(k, 'co_code'):
-                walk(k)
-            else:
-                h.update(repr(k).encode())
+            const(k)
+    def const(k):
+        # Sets print in hash order, which changes from run to run.
+        if hasattr(k, 'co_code'):
+            walk(k)
+        elif isinstance(k, (frozenset, set)):
+            h.update(b'{')
+            for r in sorted(repr(x) for x in k):
+                h.update(r.encode() + b',')
+            h.update(b'}')
+        elif isinstance(k, tuple):
+            h.update(b'(')
+            for x in k:
+                const(x)
+            h.update(b')')
+        else:
+            h.update(repr(k).encode())
     code = getattr(f, '__code__', None)
     if code is None:
         h.update((type(f).__qualname__ + ':' + getattr(f, '__qualname__', '')).encode())

@@ -91,7 +91,15 @@ struct Checkpoints {
     changed_since: Option<Instant>,
     /// A checkpoint was called off while stopping: take no more.
     gave_up: bool,
+    /// When the last checkpoint was taken.
+    last: Instant,
 }
+
+/// Results waiting for an MQTT sink are committed at once, but no sooner
+/// than this after the previous checkpoint: when many keys' windows close
+/// around one boundary (each key on its own watermark), their results share
+/// a commit instead of costing one each (SD-card writes).
+const OUTPUT_GAP: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Checkpoints {
     fn on(&self) -> bool {
@@ -187,7 +195,12 @@ impl Engine {
 
     fn deadline(&self) -> Option<Instant> {
         let ops = self.nodes.iter().filter_map(|n| n.op.deadline()).min();
-        match (ops, self.cp.deadline()) {
+        let mut cp = self.cp.deadline();
+        if self.cp.on() && self.cp.in_flight.is_empty() && self.nodes.iter().any(|n| n.op.has_pending()) {
+            let at = self.cp.last + OUTPUT_GAP;
+            cp = Some(cp.map_or(at, |c| c.min(at)));
+        }
+        match (ops, cp) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
@@ -201,7 +214,7 @@ impl Engine {
             return;
         }
         let interval = self.cp.durable.as_ref().map(|d| d.interval).unwrap_or_default();
-        let due = self.nodes.iter().any(|n| n.op.has_pending())
+        let due = (now >= self.cp.last + OUTPUT_GAP && self.nodes.iter().any(|n| n.op.has_pending()))
             || self.cp.held.iter().any(|h| h.due(now) <= now)
             || self.cp.changed_since.is_some_and(|t| now >= t + interval);
         if due {
@@ -231,6 +244,9 @@ impl Engine {
             }
             return;
         }
+        let mut clock = super::snapshot::Enc::default();
+        clock.i(self.cx.clock.get().at(Instant::now()));
+        snap.put(&Arc::from(ENGINE_STEP), "clock".into(), clock);
         for (i, mark) in self.cp.marks.iter_mut().enumerate() {
             if let Some(pos) = mark.take() {
                 snap.put(&self.cp.input_steps[i], "pos".into(), pos.encode());
@@ -240,13 +256,19 @@ impl Engine {
             h.checkpoint(&mut snap);
         }
         self.cp.changed_since = None;
+        self.cp.last = Instant::now();
         let rows = std::mem::take(&mut snap.rows);
         let encoded = if rows.iter().any(|r| !r.enc.py.is_empty()) {
             let label = format!("flow {} checkpoint (pickling state)", self.cx.flow_id);
-            match self.cx.py.run_step(label, move |py| super::snapshot::finish(py, rows)) {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!("flow {}: checkpoint failed: {e}", self.cx.flow_id);
+            let result = self.cx.py.run_step(label, move |py| super::snapshot::finish(py, rows));
+            match result {
+                Ok(Some(r)) => r,
+                failed => {
+                    let why = match failed {
+                        Err(e) => e.to_string(),
+                        _ => "pickling the state was interrupted".to_string(),
+                    };
+                    self.abandon_checkpoints(&why, durable.store.clone());
                     for f in snap.after {
                         f(false);
                     }
@@ -313,6 +335,26 @@ impl Engine {
         self.cp.in_flight.push_back(rx);
     }
 
+    /// A checkpoint could not be completed after its steps handed over what
+    /// changed: later ones would miss it. While stopping the next start
+    /// resumes from the last committed one; while running, runnel exits
+    /// (like a failed commit) so that systemd restarts it from there.
+    fn abandon_checkpoints(&mut self, why: &str, store: Store) {
+        self.cp.gave_up = true;
+        for h in self.cp.held.drain(..) {
+            h.release(false);
+        }
+        if self.cx.py.is_stopping() {
+            tracing::warn!(
+                "flow {}: last checkpoint not taken ({why}); the next start resumes from the one before",
+                self.cx.flow_id
+            );
+        } else {
+            tracing::error!("flow {}: checkpoint failed ({why})", self.cx.flow_id);
+            store.fail(format!("flow {}: a checkpoint failed ({why})", self.cx.flow_id));
+        }
+    }
+
     /// The last checkpoint (end of input, or stopping): take it and wait
     /// for every commit in flight, at most `limit`.
     fn final_checkpoint(&mut self, limit: std::time::Duration) {
@@ -348,6 +390,16 @@ impl Engine {
                 return starts;
             }
         };
+        // The flow's clock first: keys' idle times are measured on it.
+        if let Some(engine) = stored.remove(ENGINE_STEP) {
+            let clock = engine.rows.iter().find(|(r, _)| r == "clock").and_then(|(_, b)| {
+                let raw = super::snapshot::split(b).ok()?;
+                raw.decoder(None).ok()?.i().ok()
+            });
+            if let Some(c) = clock {
+                self.cx.clock.set(super::snapshot::EngineClock::new(c));
+            }
+        }
         let mut ops = Vec::new();
         let mut total = Restored::default();
         let mut restored_steps = 0;
@@ -471,6 +523,10 @@ fn only_python_reads(steps: &[crate::flow::StepPlan], stream: usize, depth: usiz
     })
 }
 
+/// The rows of the flow itself (its clock) go under this step name, which
+/// no step can have (step ids are printable).
+const ENGINE_STEP: &str = "\u{1}flow";
+
 /// How long the last checkpoint may take to commit (the agent's stop grace is 3 s).
 const FINAL_WAIT: std::time::Duration = std::time::Duration::from_millis(1500);
 
@@ -586,6 +642,8 @@ fn engine_main(plan: FlowPlan, mut opts: FlowOptions, py: PyRunner, rt: tokio::r
         origins: Arc::new(origins),
         live: opts.live,
         durable: durable.is_some(),
+        struck_while_stopping: Default::default(),
+        clock: std::cell::Cell::new(super::snapshot::EngineClock::new(0)),
         graveyard: Default::default(),
     };
     let n_inputs = input_nodes.len();
@@ -598,6 +656,7 @@ fn engine_main(plan: FlowPlan, mut opts: FlowOptions, py: PyRunner, rt: tokio::r
         wake: Arc::new(tokio::sync::Notify::new()),
         changed_since: None,
         gave_up: false,
+        last: Instant::now(),
     };
     let mut engine = Engine { nodes, cx, returns, cp };
     let positions = engine.restore(&fingerprints);
@@ -743,7 +802,7 @@ fn engine_main(plan: FlowPlan, mut opts: FlowOptions, py: PyRunner, rt: tokio::r
                 // A job interrupted while stopping left its batch half done:
                 // the state stays at the last checkpoint, and the next start
                 // takes those items again.
-                if engine.cx.py.any_abandoned() {
+                if engine.cx.struck_while_stopping.get() {
                     tracing::warn!(
                         "flow {}: no last checkpoint (a Python job was interrupted while stopping); the next start resumes from the one before",
                         engine.cx.flow_id

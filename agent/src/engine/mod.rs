@@ -130,6 +130,11 @@ pub(crate) struct Cx {
     /// The flow's state is kept in the store (`run`): steps track what
     /// changed since the last checkpoint.
     pub durable: bool,
+    /// A Python job of this flow was interrupted while runnel stopped: its
+    /// batch is half done, so no last checkpoint may be taken.
+    pub struck_while_stopping: std::cell::Cell<bool>,
+    /// The flow's running-time clock for saved state (`snapshot::EngineClock`).
+    pub clock: std::cell::Cell<snapshot::EngineClock>,
     /// Items steps are done with; the engine hands them back to the
     /// sources that allocated them (see `SourceCtx::returns`).
     pub graveyard: std::cell::RefCell<Vec<Item>>,
@@ -148,7 +153,16 @@ impl Cx {
         F: FnOnce(pyo3::Python<'_>) -> R + Send + 'static,
     {
         self.counters.add("python.jobs", 1);
-        self.py.run_step(format!("flow {} step {step:?}", self.flow_id), f)
+        let (r, struck) = self
+            .py
+            .run_step(format!("flow {} step {step:?}", self.flow_id), move |py| {
+                let r = f(py);
+                (r, crate::python::watchdog::interrupted())
+            })?;
+        if struck && self.py.is_stopping() {
+            self.struck_while_stopping.set(true);
+        }
+        Ok(r)
     }
 
     /// Count and log (rate-limited) a state row that could not be written

@@ -805,8 +805,8 @@ impl Operator for WindowOp {
         self.deadlines.first().map(|(at, _)| *at)
     }
 
-    fn snapshot(&mut self, _cx: &Cx, snap: &mut Snap) {
-        let now = Instant::now();
+    fn snapshot(&mut self, cx: &Cx, snap: &mut Snap) {
+        let clock = cx.clock.get();
         let empty = PyStates::default();
         let py_states = self.py_states.as_ref().unwrap_or(&empty);
         for key in self.dirty.drain() {
@@ -816,7 +816,7 @@ impl Operator for WindowOp {
                 continue;
             };
             let mut e = Enc::default();
-            encode_key(&mut e, ks, now);
+            encode_key(&mut e, ks, clock);
             let ids: Vec<i64> = match &ks.windows {
                 Windows::Sliding(open) => open.keys().copied().collect(),
                 Windows::Session { sessions, .. } => sessions.keys().copied().collect(),
@@ -843,6 +843,7 @@ impl Operator for WindowOp {
         let needs_py = rows
             .iter()
             .any(|(_, b)| snapshot::split(b).map(|r| r.has_objects()).unwrap_or(false));
+        let clock = cx.clock.get();
         let decode_all = move |py: Option<Python<'_>>| {
             let now = Instant::now();
             rows.into_iter()
@@ -851,7 +852,7 @@ impl Operator for WindowOp {
                         let key: Arc<str> = Arc::from(row.strip_prefix("k:").ok_or("not a key row")?);
                         let raw = snapshot::split(&bytes)?;
                         let mut d = raw.decoder(py)?;
-                        let ks = decode_key(&mut d, &windower, agg.as_ref(), now)?;
+                        let ks = decode_key(&mut d, &windower, agg.as_ref(), clock, now)?;
                         let n = d.n()?;
                         let mut accs = Vec::with_capacity(n);
                         for _ in 0..n {
@@ -916,9 +917,9 @@ impl Operator for WindowOp {
 }
 
 /// One key's windows, queue, clock and native accumulators, for the store.
-fn encode_key(e: &mut Enc, ks: &KeyState, now: Instant) {
+fn encode_key(e: &mut Enc, ks: &KeyState, clock: snapshot::EngineClock) {
     e.i(ks.clock.base);
-    e.i(snapshot::micros_of(now.saturating_duration_since(ks.clock.moved_at)));
+    e.i(clock.at(ks.clock.moved_at));
     match &ks.windows {
         Windows::Sliding(open) => {
             e.u(0);
@@ -970,10 +971,15 @@ fn encode_key(e: &mut Enc, ks: &KeyState, now: Instant) {
     }
 }
 
-fn decode_key(d: &mut Dec<'_>, windower: &WindowerSpec, agg: Option<&AggSpec>, now: Instant) -> DecResult<KeyState> {
+fn decode_key(
+    d: &mut Dec<'_>,
+    windower: &WindowerSpec,
+    agg: Option<&AggSpec>,
+    clock: snapshot::EngineClock,
+    now: Instant,
+) -> DecResult<KeyState> {
     let base = d.i()?;
-    let idle = Duration::from_micros(d.i()?.max(0) as u64);
-    let moved_at = now.checked_sub(idle).unwrap_or(now);
+    let moved_at = clock.instant(d.i()?, now);
     let windows = match (d.u()?, windower) {
         (0, WindowerSpec::Sliding { .. }) => {
             let n = d.n()?;

@@ -92,9 +92,9 @@ impl PyRunner {
         self.watch.abandoned(what);
     }
 
-    /// Whether anything was abandoned (interrupted while stopping) so far.
-    pub(crate) fn any_abandoned(&self) -> bool {
-        self.watch.any_abandoned()
+    /// Whether runnel is stopping (jobs get a second at most).
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.watch.is_stopping()
     }
 
     pub(crate) fn abandoned(&self) -> Vec<String> {

@@ -245,8 +245,8 @@ impl Watch {
         self.abandoned.lock().unwrap_or_else(|p| p.into_inner()).push(what);
     }
 
-    pub(crate) fn any_abandoned(&self) -> bool {
-        !self.abandoned.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
     }
 
     pub(crate) fn take_abandoned(&self) -> Vec<String> {

@@ -160,7 +160,13 @@ impl Operator for OutputOp {
             Target::Mqtt(m) => m.snapshot(cx, &self.step_id, snap),
             Target::File { w, changed, .. } if *changed => {
                 let len = match w.as_mut() {
-                    Some(w) => w.flush().and_then(|_| w.get_ref().metadata()).map(|m| m.len()),
+                    // On disk before the state says so: a power cut must not
+                    // leave the file shorter than the length committed.
+                    Some(w) => w
+                        .flush()
+                        .and_then(|_| w.get_ref().sync_data())
+                        .and_then(|_| w.get_ref().metadata())
+                        .map(|m| m.len()),
                     None => return,
                 };
                 match len {

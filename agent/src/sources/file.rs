@@ -75,9 +75,9 @@ pub(super) fn read(path: PathBuf, decode: Decode, start: Option<FilePos>, cx: So
     let _ = cx.tx.blocking_send(SourceMsg::Eof(cx.input));
 }
 
-/// Go to `start` (a named pipe is never asked to: it cannot seek).
+/// Go to `start` (a named pipe cannot seek, and never resumes).
 fn seek(f: &mut File, start: FilePos) -> std::io::Result<()> {
-    if start.offset > 0 {
+    if f.metadata().is_ok_and(|m| m.is_file()) {
         f.seek(SeekFrom::Start(start.offset))?;
     }
     Ok(())

@@ -81,6 +81,7 @@ pub(super) async fn read(input: MqttInput, cx: SourceCtx) {
                 step: step.clone(),
                 stats: inbox.stats.clone(),
                 threshold,
+                released: false,
             };
             let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
             seen.prune(messages.iter().map(|m| m.generation).max().unwrap_or(0));
@@ -89,7 +90,11 @@ pub(super) async fn read(input: MqttInput, cx: SourceCtx) {
                 let Some(token) = m.ack.take() else { return true };
                 h.tokens.push(token);
                 let key = (m.pkid, hash(&m.topic, &m.payload));
-                if m.dup && seen.map.contains_key(&key) {
+                if !m.dup {
+                    // A first delivery with this packet id: the broker had
+                    // our acknowledgement of any earlier message with it.
+                    seen.map.retain(|(pkid, _), _| *pkid != m.pkid);
+                } else if seen.map.contains_key(&key) {
                     // Counted before: acknowledged after the next commit
                     // (which follows the one that counted it), not again.
                     dups += 1;
@@ -164,7 +169,7 @@ fn hash(topic: &str, payload: &[u8]) -> u64 {
 
 /// How long a committed message is remembered after its acknowledgement
 /// went out on a connection that stayed up: by then the broker has it.
-const ACKED_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+const ACKED_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 /// How long messages committed before a restart or reconnect are
 /// remembered once the new connection delivers: the broker sends what it
 /// holds again first thing.
@@ -274,6 +279,19 @@ pub(crate) struct Held {
     stats: Arc<crate::mqtt::BrokerStats>,
     /// Commit at once when the broker has this many messages unacknowledged.
     threshold: u64,
+    /// Set by `release`: dropped without it (the engine stopped or
+    /// panicked before the checkpoint), the messages stay unacknowledged.
+    released: bool,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if !self.released {
+            for t in &self.tokens {
+                t.disarm();
+            }
+        }
+    }
 }
 
 impl Held {
@@ -288,7 +306,8 @@ impl Held {
     }
 
     /// Acknowledge (commit succeeded) or leave to the broker (it did not).
-    pub(crate) fn release(self, ok: bool) {
+    pub(crate) fn release(mut self, ok: bool) {
+        self.released = ok;
         let now = std::time::Instant::now();
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         for (key, generation) in &self.entries {

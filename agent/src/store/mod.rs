@@ -178,6 +178,14 @@ impl Store {
         let _ = self.commit(Vec::new());
     }
 
+    /// Mark the store as failed (the agent exits and systemd restarts it).
+    pub(crate) fn fail(&self, why: String) {
+        let mut f = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        if f.is_none() {
+            *f = Some(why);
+        }
+    }
+
     /// Why the state file can no longer be written, if it cannot.
     pub(crate) fn failure(&self) -> Option<String> {
         self.failed.lock().unwrap_or_else(|p| p.into_inner()).clone()
