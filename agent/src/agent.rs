@@ -90,6 +90,7 @@ pub(crate) fn run(config: Config) -> anyhow::Result<ExitCode> {
         device_id: Arc::from(config.device_id()),
         store: store.clone(),
         stopping: stopping.clone(),
+        stopped_at: Default::default(),
     });
     let py = PyRunner::start()?.with_step_timeout(Duration::from_secs_f64(config.python_step_timeout));
     let load_timeout = Duration::from_secs_f64(config.flow_load_timeout);
@@ -210,6 +211,7 @@ pub(crate) fn run(config: Config) -> anyhow::Result<ExitCode> {
                 durable: Some(Durable {
                     store: store.clone(),
                     interval: Duration::from_secs_f64(config.snapshot_interval),
+                    gap: Duration::from_secs_f64(config.commit_gap),
                 }),
             };
             handles.push(run_flow(plan, opts, py.clone(), rt.handle().clone())?);

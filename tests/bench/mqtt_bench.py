@@ -825,6 +825,7 @@ def run_once(args, wl, qos, pace, workdir, mqtt):
         'flows_dir = "flows"\n'
         'state_dir = "state"\n'
         "status_interval = 1\n"
+        + "".join(f"{kv}\n" for kv in args.runnel_config) +
         "\n[brokers.default]\n"
         f'host = "127.0.0.1"\nport = {port}\n'
         "\n[brokers.upstream]\n"
@@ -1159,6 +1160,8 @@ def main():
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs, outputs)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per run before giving up")
     ap.add_argument("--seed", type=int, default=SEED)
+    ap.add_argument("--runnel-config", action="append", default=[], metavar="KEY=VALUE",
+                    help="a top-level line for runnel.toml, e.g. 'commit_gap = 0' (repeatable)")
     args = ap.parse_args()
     try:
         qoss = parse_list(args.qos, int)

@@ -50,6 +50,9 @@ pub(crate) struct Durable {
     pub store: Store,
     /// The longest a change to the state waits for a commit.
     pub interval: std::time::Duration,
+    /// Results for MQTT sinks commit at once, but no sooner than this after
+    /// the previous checkpoint (`commit_gap`).
+    pub gap: std::time::Duration,
 }
 
 /// What a flow did, for the summary line and tests.
@@ -95,15 +98,17 @@ struct Checkpoints {
     last: Instant,
 }
 
-/// Results waiting for an MQTT sink are committed at once, but no sooner
-/// than this after the previous checkpoint: when many keys' windows close
-/// around one boundary (each key on its own watermark), their results share
-/// a commit instead of costing one each (SD-card writes).
-const OUTPUT_GAP: std::time::Duration = std::time::Duration::from_secs(1);
-
 impl Checkpoints {
     fn on(&self) -> bool {
         self.durable.is_some() && !self.gave_up
+    }
+
+    /// Results waiting for an MQTT sink are committed at once, but no
+    /// sooner than this after the previous checkpoint: when many keys'
+    /// windows close around one boundary (each key on its own watermark),
+    /// their results share a commit instead of costing one each.
+    fn gap(&self) -> std::time::Duration {
+        self.durable.as_ref().map(|d| d.gap).unwrap_or_default()
     }
 
     fn changed(&mut self, now: Instant) {
@@ -197,7 +202,7 @@ impl Engine {
         let ops = self.nodes.iter().filter_map(|n| n.op.deadline()).min();
         let mut cp = self.cp.deadline();
         if self.cp.on() && self.cp.in_flight.is_empty() && self.nodes.iter().any(|n| n.op.has_pending()) {
-            let at = self.cp.last + OUTPUT_GAP;
+            let at = self.cp.last + self.cp.gap();
             cp = Some(cp.map_or(at, |c| c.min(at)));
         }
         match (ops, cp) {
@@ -214,7 +219,7 @@ impl Engine {
             return;
         }
         let interval = self.cp.durable.as_ref().map(|d| d.interval).unwrap_or_default();
-        let due = (now >= self.cp.last + OUTPUT_GAP && self.nodes.iter().any(|n| n.op.has_pending()))
+        let due = (now >= self.cp.last + self.cp.gap() && self.nodes.iter().any(|n| n.op.has_pending()))
             || self.cp.held.iter().any(|h| h.due(now) <= now)
             || self.cp.changed_since.is_some_and(|t| now >= t + interval);
         if due {
@@ -229,19 +234,22 @@ impl Engine {
         if self.cp.gave_up {
             return;
         }
+        // A job interrupted while stopping left its batch half done: the
+        // state stays at the last checkpoint, and the next start takes
+        // those items again.
+        if self.cx.struck_while_stopping.get() {
+            self.abandon_checkpoints("a Python job was interrupted while stopping", durable.store.clone());
+            return;
+        }
         let mut snap = Snap::default();
         for n in &mut self.nodes {
+            if snap.abort.is_some() {
+                break;
+            }
             n.op.snapshot(&self.cx, &mut snap);
         }
         if let Some(why) = snap.abort.take() {
-            tracing::warn!(
-                "flow {}: checkpoint called off ({why}); the next start resumes from the last one",
-                self.cx.flow_id
-            );
-            self.cp.gave_up = true;
-            for h in self.cp.held.drain(..) {
-                h.release(false);
-            }
+            self.abandon_checkpoints(&why, durable.store.clone());
             return;
         }
         let mut clock = super::snapshot::Enc::default();
@@ -252,8 +260,16 @@ impl Engine {
                 snap.put(&self.cp.input_steps[i], "pos".into(), pos.encode());
             }
         }
+        let mut seen: Vec<(Arc<str>, Arc<std::sync::Mutex<crate::sources::MqttSeen>>)> = Vec::new();
         for h in self.cp.held.drain(..) {
-            h.checkpoint(&mut snap);
+            let (step, s) = h.checkpoint(&mut snap);
+            if !seen.iter().any(|(st, _)| *st == step) {
+                seen.push((step, s));
+            }
+        }
+        for (step, s) in seen {
+            let row = s.lock().unwrap_or_else(|p| p.into_inner()).encode();
+            snap.put(&step, "seen".into(), row);
         }
         self.cp.changed_since = None;
         self.cp.last = Instant::now();
@@ -349,6 +365,9 @@ impl Engine {
                 "flow {}: last checkpoint not taken ({why}); the next start resumes from the one before",
                 self.cx.flow_id
             );
+            self.cx
+                .py
+                .note_abandoned(format!("the last checkpoint of flow {} ({why})", self.cx.flow_id));
         } else {
             tracing::error!("flow {}: checkpoint failed ({why})", self.cx.flow_id);
             store.fail(format!("flow {}: a checkpoint failed ({why})", self.cx.flow_id));
@@ -403,9 +422,25 @@ impl Engine {
         let mut ops = Vec::new();
         let mut total = Restored::default();
         let mut restored_steps = 0;
+        let mut baselines = Vec::new();
         for (i, (step, fp)) in steps.iter().enumerate() {
             let Some(fp) = fp else { continue };
             let old = stored.remove(&**step).unwrap_or_default();
+            // A step starting without saved rows (first start, or changed)
+            // records where it starts before any input is read: a file
+            // sink's length, so that a crash before the first checkpoint
+            // cuts the file back to it.
+            let fresh = old.fingerprint.as_deref() != Some(fp.as_str()) || old.rows.is_empty();
+            if fresh {
+                if let Some((row, bytes)) = self.nodes[i].op.baseline() {
+                    // After the set-aside below, which would take it along.
+                    baselines.push(Op::State(StateOp::Rows {
+                        flow: flow.clone(),
+                        step: step.clone(),
+                        rows: vec![(row, Some(bytes))],
+                    }));
+                }
+            }
             if old.fingerprint.as_deref() != Some(fp.as_str()) {
                 if !old.rows.is_empty() {
                     tracing::warn!(
@@ -445,6 +480,7 @@ impl Engine {
                 step: Arc::from(step.as_str()),
             }));
         }
+        ops.append(&mut baselines);
         if !ops.is_empty() {
             if let Err(e) = durable.store.commit(ops) {
                 tracing::error!("flow {flow}: cannot record its steps in the state file: {e}");
@@ -802,14 +838,7 @@ fn engine_main(plan: FlowPlan, mut opts: FlowOptions, py: PyRunner, rt: tokio::r
                 // A job interrupted while stopping left its batch half done:
                 // the state stays at the last checkpoint, and the next start
                 // takes those items again.
-                if engine.cx.struck_while_stopping.get() {
-                    tracing::warn!(
-                        "flow {}: no last checkpoint (a Python job was interrupted while stopping); the next start resumes from the one before",
-                        engine.cx.flow_id
-                    );
-                } else {
-                    engine.final_checkpoint(FINAL_WAIT);
-                }
+                engine.final_checkpoint(FINAL_WAIT);
                 break;
             }
         }

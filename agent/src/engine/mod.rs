@@ -60,6 +60,11 @@ pub(crate) trait Operator: Send {
     /// Put what changed since the last checkpoint into `snap` (stateful
     /// steps and sinks whose output is committed with the state).
     fn snapshot(&mut self, _cx: &Cx, _snap: &mut Snap) {}
+    /// A row to save before any input when the step has none yet (a file
+    /// sink's current length).
+    fn baseline(&mut self) -> Option<(String, Vec<u8>)> {
+        None
+    }
     /// Take the rows the store holds for this step (before any input).
     /// Returns what was restored, for the log line.
     fn restore(&mut self, _cx: &Cx, _rows: Vec<(String, Vec<u8>)>) -> Restored {

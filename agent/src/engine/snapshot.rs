@@ -22,7 +22,10 @@ const ROW_VERSION_LZ4: u8 = 2;
 /// Bodies shorter than this are stored as they are.
 const COMPRESS_FROM: usize = 256;
 /// No row body is larger than this (a damaged size must not allocate more).
-const MAX_BODY: usize = 256 << 20;
+const MAX_BODY: usize = 64 << 20;
+/// Values nested deeper than this are a damaged row (the encoder never
+/// writes them: conversions stop at 100 levels).
+const MAX_DEPTH: u32 = 200;
 
 /// A Python object to pickle for a row.
 pub(crate) type PyObj = Arc<Py<PyAny>>;
@@ -120,6 +123,7 @@ impl Enc {
 pub(crate) struct Dec<'a> {
     b: &'a [u8],
     objs: Vec<Option<Py<PyAny>>>,
+    depth: u32,
 }
 
 pub(crate) type DecResult<T> = Result<T, String>;
@@ -183,6 +187,16 @@ impl<'a> Dec<'a> {
         })
     }
     pub(crate) fn value(&mut self) -> DecResult<Value> {
+        if self.depth >= MAX_DEPTH {
+            return Err("values nested too deep".into());
+        }
+        self.depth += 1;
+        let v = self.value_inner();
+        self.depth -= 1;
+        v
+    }
+
+    fn value_inner(&mut self) -> DecResult<Value> {
         let (&tag, rest) = self.b.split_first().ok_or("row ends early")?;
         self.b = rest;
         Ok(match tag {
@@ -326,6 +340,7 @@ pub(crate) fn split(row: &[u8]) -> DecResult<RawRow<'_>> {
     let mut d = Dec {
         b: rest,
         objs: Vec::new(),
+        depth: 0,
     };
     let n = d.n()?;
     let (body, rest) = d.b.split_at(n);
@@ -387,7 +402,11 @@ impl RawRow<'_> {
                 }
             }
         }
-        Ok(Dec { b: &self.body, objs })
+        Ok(Dec {
+            b: &self.body,
+            objs,
+            depth: 0,
+        })
     }
 }
 

@@ -149,7 +149,12 @@ impl Operator for PyOp {
             )
         });
         match job {
-            Ok((ports, errors, states, husks)) => {
+            Ok((ports, errors, mut states, husks)) => {
+                if !cx.durable {
+                    if let Some(s) = states.as_mut() {
+                        s.dirty.clear();
+                    }
+                }
                 self.states = states;
                 cx.bury(husks);
                 for (i, p) in ports.into_iter().enumerate() {

@@ -514,6 +514,18 @@ impl WindowOp {
     }
 }
 
+/// The fields of `v` an aggregate reads (the rest is handed back to be freed).
+fn project(v: Value, spec: &AggSpec, cx: &Cx, at: Origin) -> Value {
+    let Value::Map(fields) = v else { return v };
+    let (keep, rest): (Vec<_>, Vec<_>) = fields
+        .into_iter()
+        .partition(|(name, _)| spec.fields.iter().any(|(f, _)| f == name));
+    if !rest.is_empty() {
+        cx.bury([Item::new(Value::Map(rest), at)]);
+    }
+    Value::Map(keep)
+}
+
 fn emit(key: &Arc<str>, id: i64, v: Value) -> Item {
     Item::new(
         Value::keyed(key.clone(), Value::Tuple(vec![Value::Int(id), v])),
@@ -749,6 +761,21 @@ impl Operator for WindowOp {
                     out.ports[1].push(Item::new(item, at));
                 }
             } else {
+                // Kept state (`run`): a native step's queue holds only what
+                // its windows will read, so checkpoints write less. The
+                // rest goes back to the source thread to be freed.
+                let value = if cx.durable {
+                    match &plan.logic {
+                        LogicSpec::Count => {
+                            cx.bury([Item::new(value, at)]);
+                            Value::Null
+                        }
+                        LogicSpec::Aggregate(spec) => project(value, spec, cx, at),
+                        LogicSpec::Fold { .. } => value,
+                    }
+                } else {
+                    value
+                };
                 let q = Queued { value, ts, at };
                 if plan.ordered && ks.queue.back().is_some_and(|last| last.ts > ts) {
                     // Out of order: find its place (after equal timestamps).

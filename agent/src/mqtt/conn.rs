@@ -133,7 +133,7 @@ impl Conn {
                             // packet id the broker has since reused.
                             if connected_at.is_some()
                                 && ack.generation == generation
-                                && self.acks_enabled.load(Ordering::Relaxed)
+                                && (ack.committed || self.acks_enabled.load(Ordering::Relaxed))
                             {
                                 unsent_acks.push_back(ack.pkid);
                             }
@@ -159,6 +159,15 @@ impl Conn {
                 }
             };
             let Some(result) = outcome else { break };
+            // rumqttc took requests off its queue to get here: acks that did
+            // not fit (a burst after an after-commit checkpoint) go now, not
+            // only when the next ack comes.
+            while let Some(pkid) = unsent_acks.front() {
+                if connected_at.is_none() || !client.ack(*pkid) {
+                    break;
+                }
+                unsent_acks.pop_front();
+            }
             match result {
                 Ok(Ev::ConnAck { session_present }) => {
                     generation += 1;
@@ -375,12 +384,12 @@ impl Conn {
     fn route(&self, topic: String, payload: bytes::Bytes, qos: u8, pkid: u16, dup: bool, generation: u64) {
         let token = (qos > 0).then(|| {
             self.stats.unacked.fetch_add(1, Ordering::Relaxed);
-            Arc::new(AckToken {
-                tx: self.acks_tx.clone(),
-                ack: Ack { generation, pkid },
-                armed: std::sync::atomic::AtomicBool::new(true),
-                stats: self.stats.clone(),
-            })
+            Arc::new(AckToken::new(
+                self.acks_tx.clone(),
+                generation,
+                pkid,
+                self.stats.clone(),
+            ))
         });
         let topic: Arc<str> = Arc::from(topic);
         let mut routed = false;

@@ -51,6 +51,8 @@ pub(crate) struct Ack {
     /// Which connection the message came on (acks do not cross reconnects).
     pub generation: u64,
     pub pkid: u16,
+    /// Its effects are committed: acknowledged even while runnel stops.
+    pub committed: bool,
 }
 
 /// Acknowledges its message when dropped, unless disarmed (a message no
@@ -61,11 +63,31 @@ pub(crate) struct AckToken {
     armed: AtomicBool,
     /// Counts the broker's messages not yet let go of (`unacked`).
     stats: Arc<BrokerStats>,
+    committed: AtomicBool,
 }
 
 impl AckToken {
+    pub(crate) fn new(tx: mpsc::UnboundedSender<Ack>, generation: u64, pkid: u16, stats: Arc<BrokerStats>) -> AckToken {
+        AckToken {
+            tx,
+            ack: Ack {
+                generation,
+                pkid,
+                committed: false,
+            },
+            armed: AtomicBool::new(true),
+            stats,
+            committed: AtomicBool::new(false),
+        }
+    }
+
     pub(crate) fn disarm(&self) {
         self.armed.store(false, Ordering::Relaxed);
+    }
+
+    /// What the message did is committed (`ack="after-commit"`).
+    pub(crate) fn committed(&self) {
+        self.committed.store(true, Ordering::Relaxed);
     }
 }
 
@@ -73,7 +95,9 @@ impl Drop for AckToken {
     fn drop(&mut self) {
         self.stats.unacked.fetch_sub(1, Ordering::Relaxed);
         if self.armed.load(Ordering::Relaxed) {
-            let _ = self.tx.send(self.ack);
+            let mut ack = self.ack;
+            ack.committed = self.committed.load(Ordering::Relaxed);
+            let _ = self.tx.send(ack);
         }
     }
 }

@@ -176,11 +176,24 @@ impl Operator for OutputOp {
                         e.u(len);
                         snap.put(&Arc::from(self.step_id.as_str()), "len".into(), e);
                     }
-                    Err(e) => cx.state_error(&self.step_id, || format!("cannot read the output file's length: {e}")),
+                    // The state must not move past output that may not be on disk.
+                    Err(e) => {
+                        snap.abort = Some(format!("output {:?}: cannot write its file to disk: {e}", self.step_id))
+                    }
                 }
             }
             _ => {}
         }
+    }
+
+    fn baseline(&mut self) -> Option<(String, Vec<u8>)> {
+        let Target::File { path, .. } = &self.target else {
+            return None;
+        };
+        let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        let mut e = crate::engine::snapshot::Enc::default();
+        e.u(len);
+        Some(("len".into(), crate::engine::snapshot::plain(&e)))
     }
 
     fn restore(&mut self, cx: &Cx, rows: Vec<(String, Vec<u8>)>) -> crate::engine::Restored {

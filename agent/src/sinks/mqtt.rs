@@ -20,6 +20,8 @@ pub(crate) struct SinkEnv {
     pub store: Store,
     /// Set when the agent stops: a sink blocked on a full outbox gives up.
     pub stopping: Arc<AtomicBool>,
+    /// When a blocked sink first saw the agent stopping (one deadline for all).
+    pub stopped_at: std::sync::OnceLock<std::time::Instant>,
 }
 
 /// How long a `block` sink waits for room once the agent stops (the flows
@@ -237,20 +239,17 @@ impl MqttSink {
             return;
         }
         let bytes: u64 = self.pending.iter().map(|e| e.charge_in(&self.broker)).sum();
-        let stopping = self.env.stopping.clone();
-        let since: std::cell::Cell<Option<std::time::Instant>> = Default::default();
+        let env = self.env.clone();
         let give_up = || {
-            if !stopping.load(Ordering::Relaxed) {
+            if !env.stopping.load(Ordering::Relaxed) {
                 return false;
             }
-            let t = since.get().unwrap_or_else(std::time::Instant::now);
-            since.set(Some(t));
-            t.elapsed() >= GIVE_UP_AFTER
+            env.stopped_at.get_or_init(std::time::Instant::now).elapsed() >= GIVE_UP_AFTER
         };
         if !self.env.store.outboxes().wait_for_room(&self.broker, bytes, &give_up) {
             let n = self.pending.len();
             tracing::error!(
-                "flow {} output {step:?}: stopping while the outbox of broker {} is full; the last checkpoint is not taken, so the {n} message(s) it would add are computed again after the next start",
+                "flow {} output {step:?}: stopping while the outbox of broker {} is full; the {n} message(s) of the last checkpoint are computed again after the next start",
                 cx.flow_id,
                 self.broker
             );

@@ -7,7 +7,7 @@
 mod file;
 mod mqtt;
 
-pub(crate) use mqtt::{Held as MqttHeld, MqttInput};
+pub(crate) use mqtt::{Held as MqttHeld, MqttInput, Seen as MqttSeen};
 
 use std::path::PathBuf;
 

@@ -169,7 +169,7 @@ fn hash(topic: &str, payload: &[u8]) -> u64 {
 
 /// How long a committed message is remembered after its acknowledgement
 /// went out on a connection that stayed up: by then the broker has it.
-const ACKED_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+const ACKED_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 /// How long messages committed before a restart or reconnect are
 /// remembered once the new connection delivers: the broker sends what it
 /// holds again first thing.
@@ -249,7 +249,7 @@ impl Seen {
     /// What a checkpoint saves: the messages it commits and those
     /// committed before, not those taken since (a crash before their own
     /// checkpoint must let the broker's resend count them).
-    fn encode(&self) -> crate::engine::snapshot::Enc {
+    pub(crate) fn encode(&self) -> crate::engine::snapshot::Enc {
         let mut e = crate::engine::snapshot::Enc::default();
         let keys: Vec<&(u16, u64)> = self
             .map
@@ -318,27 +318,31 @@ impl Held {
             }
         }
         drop(seen);
-        if !ok {
-            for t in &self.tokens {
+        for t in &self.tokens {
+            if ok {
+                // Committed: acknowledged even while runnel stops.
+                t.committed();
+            } else {
                 t.disarm();
             }
         }
     }
 
-    /// Acknowledge once the checkpoint commits; the checkpoint also saves
-    /// the source's list of committed messages.
-    pub(crate) fn checkpoint(self, snap: &mut crate::engine::Snap) {
-        let row = {
+    /// Acknowledge once the checkpoint commits. Returns the source's step
+    /// and list of committed messages, which the checkpoint saves (once per
+    /// source, after every batch of it is marked).
+    pub(crate) fn checkpoint(self, snap: &mut crate::engine::Snap) -> (Arc<str>, Arc<Mutex<Seen>>) {
+        {
             let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
             for (key, _) in &self.entries {
                 if let Some(s) = seen.map.get_mut(key) {
                     *s = SeenState::Committing;
                 }
             }
-            seen.encode()
-        };
-        snap.put(&self.step, "seen".into(), row);
+        }
+        let out = (self.step.clone(), self.seen.clone());
         snap.after.push(Box::new(move |ok| self.release(ok)));
+        out
     }
 }
 
