@@ -10,20 +10,7 @@ use std::time::Duration;
 use runnel_tests::{run_with_timeout, runnel_command, strip_ansi, write_file};
 use tempfile::TempDir;
 
-/// A tiny deterministic generator (xorshift), so failures reproduce.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+use runnel_tests::Rng;
 
 const ODD_VALUES: &[&str] = &[
     "null",

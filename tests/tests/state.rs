@@ -17,20 +17,7 @@ use tempfile::TempDir;
 const T0: f64 = 1_704_067_200.0;
 const STOP_WITHIN: Duration = Duration::from_secs(5);
 
-/// A small deterministic generator (xorshift), so runs are reproducible.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
+use runnel_tests::Rng;
 
 /// Readings shaped like a deployment's: 25 sensors, seven fields (a short
 /// string, a nested object, a list), a second of per-key jitter, and 0.5 %

@@ -117,25 +117,14 @@ impl Operator for CollectOp {
         let clock = cx.clock.get();
         let mut done = Restored::default();
         let decode = |py: Option<pyo3::Python<'_>>, rows: Vec<(String, Vec<u8>)>| {
-            rows.into_iter()
-                .map(|(row, bytes)| {
-                    let r = (|| {
-                        let key: Arc<str> = Arc::from(row.strip_prefix("k:").ok_or("not a key row")?);
-                        let raw = snapshot::split(&bytes)?;
-                        let mut d = raw.decoder(py)?;
-                        let last = d.i()?;
-                        let n = d.n()?;
-                        let values = (0..n).map(|_| d.value()).collect::<Result<Vec<_>, _>>()?;
-                        d.done()?;
-                        Ok::<_, String>((key, last, values))
-                    })();
-                    (row, r)
-                })
-                .collect::<Vec<_>>()
+            snapshot::key_rows(rows, py, |d| {
+                let last = d.i()?;
+                let n = d.n()?;
+                let values = (0..n).map(|_| d.value()).collect::<Result<Vec<_>, _>>()?;
+                Ok((last, values))
+            })
         };
-        let needs_py = rows
-            .iter()
-            .any(|(_, b)| snapshot::split(b).map(|r| r.has_objects()).unwrap_or(false));
+        let needs_py = snapshot::any_objects(&rows);
         let decoded = if needs_py {
             match cx.python(&self.step_id, move |py| decode(Some(py), rows)) {
                 Ok(d) => d,
@@ -149,7 +138,7 @@ impl Operator for CollectOp {
         };
         for (row, r) in decoded {
             match r {
-                Ok((key, last, values)) => {
+                Ok((key, (last, values))) => {
                     done.keys += 1;
                     done.queued += values.len() as u64;
                     self.lists.insert(key, (clock.instant(last, now), values));

@@ -293,6 +293,37 @@ pub(crate) fn finish(py: Python<'_>, rows: Vec<PendingRow>) -> Option<Finished> 
     Some((out, failed))
 }
 
+/// A decoded per-key row: its name, and its key and value or why not.
+pub(crate) type KeyRow<T> = (String, DecResult<(Arc<str>, T)>);
+
+/// Decode every per-key row (`k:<key>`) with `f`, which reads the body and
+/// must consume all of it: (row name, key and value or why not).
+pub(crate) fn key_rows<T>(
+    rows: Vec<(String, Vec<u8>)>,
+    py: Option<Python<'_>>,
+    mut f: impl FnMut(&mut Dec<'_>) -> DecResult<T>,
+) -> Vec<KeyRow<T>> {
+    rows.into_iter()
+        .map(|(row, bytes)| {
+            let r = (|| {
+                let key: Arc<str> = Arc::from(row.strip_prefix("k:").ok_or("not a key row")?);
+                let raw = split(&bytes)?;
+                let mut d = raw.decoder(py)?;
+                let v = f(&mut d)?;
+                d.done()?;
+                Ok((key, v))
+            })();
+            (row, r)
+        })
+        .collect()
+}
+
+/// Whether any of `rows` holds Python objects (restoring it needs the
+/// Python thread).
+pub(crate) fn any_objects(rows: &[(String, Vec<u8>)]) -> bool {
+    rows.iter().any(|(_, b)| split(b).is_ok_and(|r| r.has_objects()))
+}
+
 /// A row with no Python objects.
 pub(crate) fn plain(enc: &Enc) -> Vec<u8> {
     assemble(&enc.buf, &[])

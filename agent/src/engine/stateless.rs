@@ -221,19 +221,9 @@ impl PyOp {
             return done;
         }
         let decoded = cx.python(&self.step_id, move |py| {
-            rows.into_iter()
-                .map(|(row, bytes)| {
-                    let r = (|| {
-                        let key: Arc<str> = Arc::from(row.strip_prefix("k:").ok_or("not a key row")?);
-                        let raw = super::snapshot::split(&bytes)?;
-                        let mut d = raw.decoder(Some(py))?;
-                        let obj = d.obj()?.ok_or("its state could not be pickled when saved")?;
-                        d.done()?;
-                        Ok::<_, String>((key, obj))
-                    })();
-                    (row, r)
-                })
-                .collect::<Vec<_>>()
+            super::snapshot::key_rows(rows, Some(py), |d| {
+                Ok(d.obj()?.ok_or("its state could not be pickled when saved")?)
+            })
         });
         let decoded = match decoded {
             Ok(d) => d,

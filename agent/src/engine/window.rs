@@ -867,33 +867,22 @@ impl Operator for WindowOp {
             LogicSpec::Aggregate(a) => Some(a.clone()),
             _ => None,
         };
-        let needs_py = rows
-            .iter()
-            .any(|(_, b)| snapshot::split(b).map(|r| r.has_objects()).unwrap_or(false));
+        let needs_py = snapshot::any_objects(&rows);
         let clock = cx.clock.get();
         let decode_all = move |py: Option<Python<'_>>| {
             let now = Instant::now();
-            rows.into_iter()
-                .map(|(row, bytes)| {
-                    let r = (|| {
-                        let key: Arc<str> = Arc::from(row.strip_prefix("k:").ok_or("not a key row")?);
-                        let raw = snapshot::split(&bytes)?;
-                        let mut d = raw.decoder(py)?;
-                        let ks = decode_key(&mut d, &windower, agg.as_ref(), clock, now)?;
-                        let n = d.n()?;
-                        let mut accs = Vec::with_capacity(n);
-                        for _ in 0..n {
-                            let id = d.i()?;
-                            if let Some(o) = d.obj()? {
-                                accs.push((id, Arc::new(o)));
-                            }
-                        }
-                        d.done()?;
-                        Ok::<_, String>((key, ks, accs))
-                    })();
-                    (row, r)
-                })
-                .collect::<Vec<_>>()
+            snapshot::key_rows(rows, py, |d| {
+                let ks = decode_key(d, &windower, agg.as_ref(), clock, now)?;
+                let n = d.n()?;
+                let mut accs = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let id = d.i()?;
+                    if let Some(o) = d.obj()? {
+                        accs.push((id, Arc::new(o)));
+                    }
+                }
+                Ok((ks, accs))
+            })
         };
         let decoded = if needs_py {
             match cx.python(&self.step_id, move |py| decode_all(Some(py))) {
@@ -913,7 +902,7 @@ impl Operator for WindowOp {
         let py_states = self.py_states.get_or_insert_with(Default::default);
         for (row, r) in decoded {
             match r {
-                Ok((key, ks, accs)) => {
+                Ok((key, (ks, accs))) => {
                     done.keys += 1;
                     done.windows += match &ks.windows {
                         Windows::Sliding(open) => open.len(),
