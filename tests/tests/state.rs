@@ -362,6 +362,7 @@ fn rss_kib(pid: u32) -> u64 {
 
 #[test]
 fn a_churn_of_100000_short_lived_keys_leaves_neither_memory_nor_the_state_file_growing() {
+    // Eight rounds of 100,000 keys, each seen once.
     let tmp = TempDir::new().unwrap();
     let dir = tmp.path();
     std::fs::create_dir_all(dir.join("flows")).unwrap();
@@ -372,7 +373,7 @@ fn a_churn_of_100000_short_lived_keys_leaves_neither_memory_nor_the_state_file_g
     agent.wait_for_log(Duration::from_secs(30), "starting flow");
     let redb = dir.join("state/runnel.redb");
     let mut after = Vec::new();
-    for round in 0..6u32 {
+    for round in 0..8u32 {
         // 100,000 keys seen once each; their 1 s windows close on the
         // timer (the watermark of an idle key advances with time).
         let t = T0 + round as f64 * 10.0;
@@ -401,17 +402,25 @@ fn a_churn_of_100000_short_lived_keys_leaves_neither_memory_nor_the_state_file_g
             rss_kib(agent.pid()),
         ));
     }
-    // redb reuses freed pages once no reader holds them: the file reaches
-    // its size in the first rounds, then stays there.
-    let (file1, rss1) = after[2];
-    let (file3, rss3) = after[5];
+    // redb reuses freed pages (and trims free space at the end of the file),
+    // so the file's size goes up and down with what is open at the moment
+    // of the sample; what must not happen is growth with every round, which
+    // keeping the closed keys (15 MB and far more RSS per round) would be.
+    let peak = |r: &[(u64, u64)]| {
+        (
+            r.iter().map(|x| x.0).max().unwrap_or(0),
+            r.iter().map(|x| x.1).max().unwrap_or(0),
+        )
+    };
+    let (file_early, rss_early) = peak(&after[..4]);
+    let (file_late, rss_late) = peak(&after[4..]);
     assert!(
-        file3 <= file1 + file1 / 10 + (1 << 20),
-        "state file grew from {file1} to {file3} bytes between rounds 3 and 6 of 100,000 keys ({after:?})"
+        file_late <= file_early + file_early / 4 + (1 << 20),
+        "state file grew from at most {file_early} to {file_late} bytes over eight rounds of 100,000 keys ({after:?})"
     );
     assert!(
-        rss3 <= rss1 + rss1 / 10 + 4096,
-        "RSS grew from {rss1} to {rss3} KiB between rounds 3 and 6 of 100,000 keys ({after:?})"
+        rss_late <= rss_early + rss_early / 4 + 8192,
+        "RSS grew from at most {rss_early} to {rss_late} KiB over eight rounds of 100,000 keys ({after:?})"
     );
     assert!(agent.terminate(STOP_WITHIN).success(), "{}", agent.stderr());
     // Nothing of the 300,000 keys is left to restore.
