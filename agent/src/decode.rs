@@ -25,6 +25,9 @@ pub(crate) enum Format {
     Kv,
     /// The payload as text.
     Raw,
+    /// NMEA 0183: each line a sentence; GGA and RMC (any talker) become
+    /// items, checksums verified; other sentences are passed over.
+    Nmea,
 }
 
 impl Format {
@@ -35,6 +38,7 @@ impl Format {
             Format::Csv { .. } => "csv",
             Format::Kv => "kv",
             Format::Raw => "raw",
+            Format::Nmea => "nmea",
         }
     }
 }
@@ -79,6 +83,18 @@ impl PayloadDecoder {
                 Ok(t) => out.push(Value::str(t)),
                 Err(u) => skip(format!("not UTF-8 ({u})")),
             },
+            Format::Nmea => {
+                let Ok(text) = std::str::from_utf8(payload) else {
+                    return skip("not UTF-8".into());
+                };
+                for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+                    match nmea_sentence(line) {
+                        Ok(Some(v)) => out.push(v),
+                        Ok(None) => {}
+                        Err(e) => skip(e),
+                    }
+                }
+            }
             Format::Kv => {
                 let Ok(text) = std::str::from_utf8(payload) else {
                     return skip("not UTF-8".into());
@@ -125,6 +141,130 @@ impl PayloadDecoder {
             }
         }
     }
+}
+
+/// One NMEA 0183 sentence: GGA and RMC as dicts, `None` for the other
+/// kinds, an error for a missing or wrong checksum or a malformed field.
+///
+/// GGA: `sentence`, `talker`, `utc` (`"hh:mm:ss.ss"` text: GGA has no
+/// date), `lat`, `lon` (decimal degrees, south and west negative), `fix`
+/// (the fix quality, 0 = none), `sats`, `hdop`, `alt` (metres).
+/// RMC: `sentence`, `talker`, `utc` (a datetime), `lat`, `lon`, `fix` (1 if
+/// the status is A, else 0), `speed_kn`, `course`. Empty fields are `None`.
+fn nmea_sentence(line: &str) -> Result<Option<Value>, Reason> {
+    let Some(body) = line.strip_prefix('$') else {
+        return Err(format!("NMEA sentence does not start with '$': {:?}", short(line)));
+    };
+    let Some((data, sum)) = body.rsplit_once('*') else {
+        return Err(format!("NMEA sentence without a checksum: {:?}", short(line)));
+    };
+    let want = u8::from_str_radix(sum.trim(), 16).map_err(|_| format!("NMEA checksum {sum:?} is not hex"))?;
+    let got = data.bytes().fold(0u8, |a, b| a ^ b);
+    if got != want {
+        return Err(format!(
+            "NMEA checksum mismatch (computed {got:02X}, the sentence says {want:02X})"
+        ));
+    }
+    let f: Vec<&str> = data.split(',').collect();
+    let id = f[0];
+    if id.len() != 5 || !id.is_ascii() || id.starts_with('P') {
+        return Ok(None); // proprietary or unknown: passed over
+    }
+    let (talker, kind) = id.split_at(2);
+    let field = |i: usize| f.get(i).copied().unwrap_or("");
+    let num = |i: usize| -> Result<Value, Reason> {
+        match field(i) {
+            "" => Ok(Value::Null),
+            t => t
+                .parse::<f64>()
+                .map(Value::Float)
+                .map_err(|_| format!("NMEA {kind} field {i} is not a number: {t:?}")),
+        }
+    };
+    let int = |i: usize| -> Result<Value, Reason> {
+        match field(i) {
+            "" => Ok(Value::Null),
+            t => t
+                .parse::<i64>()
+                .map(Value::Int)
+                .map_err(|_| format!("NMEA {kind} field {i} is not an integer: {t:?}")),
+        }
+    };
+    // ddmm.mmmm (lat) or dddmm.mmmm (lon) and a hemisphere.
+    let coord = |i: usize, neg: char| -> Result<Value, Reason> {
+        let (t, h) = (field(i), field(i + 1));
+        if t.is_empty() {
+            return Ok(Value::Null);
+        }
+        let v: f64 = t
+            .parse()
+            .map_err(|_| format!("NMEA {kind} coordinate {t:?} is not a number"))?;
+        let deg = (v / 100.0).trunc();
+        let d = deg + (v - deg * 100.0) / 60.0;
+        Ok(Value::Float(if h.starts_with(neg) { -d } else { d }))
+    };
+    let time_text = |t: &str| -> Result<Value, Reason> {
+        if t.is_empty() {
+            return Ok(Value::Null);
+        }
+        if t.len() < 6 || !t.as_bytes()[..6].iter().all(u8::is_ascii_digit) {
+            return Err(format!("NMEA time {t:?} is not hhmmss"));
+        }
+        Ok(Value::str(&format!("{}:{}:{}", &t[0..2], &t[2..4], &t[4..])))
+    };
+    let base = |fields: &mut Vec<(Arc<str>, Value)>| {
+        set_field(fields, "sentence", Value::str(kind));
+        set_field(fields, "talker", Value::str(talker));
+    };
+    let mut fields = Vec::with_capacity(10);
+    match kind {
+        "GGA" => {
+            base(&mut fields);
+            set_field(&mut fields, "utc", time_text(field(1))?);
+            set_field(&mut fields, "lat", coord(2, 'S')?);
+            set_field(&mut fields, "lon", coord(4, 'W')?);
+            set_field(&mut fields, "fix", int(6)?);
+            set_field(&mut fields, "sats", int(7)?);
+            set_field(&mut fields, "hdop", num(8)?);
+            set_field(&mut fields, "alt", num(9)?);
+        }
+        "RMC" => {
+            base(&mut fields);
+            set_field(&mut fields, "utc", rmc_utc(field(1), field(9))?);
+            set_field(&mut fields, "lat", coord(3, 'S')?);
+            set_field(&mut fields, "lon", coord(5, 'W')?);
+            set_field(&mut fields, "fix", Value::Int((field(2) == "A") as i64));
+            set_field(&mut fields, "speed_kn", num(7)?);
+            set_field(&mut fields, "course", num(8)?);
+        }
+        _ => return Ok(None),
+    }
+    Ok(Some(Value::Map(fields)))
+}
+
+/// RMC's time (hhmmss.ss) and date (ddmmyy) as a UTC datetime (years 80-99
+/// are the 1900s, as NMEA receivers count them).
+fn rmc_utc(time: &str, date: &str) -> Result<Value, Reason> {
+    if time.is_empty() || date.is_empty() {
+        return Ok(Value::Null);
+    }
+    let bad = || format!("NMEA RMC time {time:?} and date {date:?} are not hhmmss and ddmmyy");
+    let digits = |s: &str, n: usize| s.len() >= n && s.as_bytes()[..n].iter().all(u8::is_ascii_digit);
+    if !digits(time, 6) || date.len() != 6 || !digits(date, 6) {
+        return Err(bad());
+    }
+    let p = |s: &str, a: usize| s[a..a + 2].parse::<u32>().unwrap_or(99);
+    let yy = p(date, 4) as i32;
+    let year = if yy >= 80 { 1900 + yy } else { 2000 + yy };
+    let secs: f64 = time[4..].parse().map_err(|_| bad())?;
+    let day = chrono::NaiveDate::from_ymd_opt(year, p(date, 2), p(date, 0)).ok_or_else(bad)?;
+    let at = day.and_hms_opt(p(time, 0), p(time, 2), 0).ok_or_else(bad)?;
+    let us = at.and_utc().timestamp_micros() + (secs * 1e6).round() as i64;
+    Ok(Value::DateTime(us))
+}
+
+fn short(s: &str) -> String {
+    s.chars().take(40).collect()
 }
 
 /// A CSV cell as a flow sees it: `int`, `float`, `None` for empty, else `str`.
@@ -306,6 +446,63 @@ mod tests {
         assert_eq!(show(&out), r#"{"t": 21.5, "id": "a", "n": [1, -2]}"#);
         let round = to_cbor(&out[0]);
         assert_eq!(show(&run(Format::Cbor, &round).0), show(&out));
+    }
+
+    #[test]
+    fn nmea_gga_and_rmc_become_fields_and_checksums_are_verified() {
+        let text = b"$GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,*47\r\n\
+$GPRMC,123519,A,4807.038,N,01131.000,E,022.4,084.4,230394,003.1,W*6A\r\n\
+$GPGSV,2,1,08,01,40,083,46,02,17,308,41,12,07,344,39,14,22,228,45*75\r\n\
+$GNRMC,000000,V,,,,,,,010100,,*2F\r\n";
+        let (out, bad) = run(Format::Nmea, text);
+        assert_eq!(bad, Vec::<String>::new());
+        assert_eq!(out.len(), 3, "GSV is passed over: {}", show(&out));
+        let gga = &out[0];
+        assert_eq!(gga.field("sentence").map(|v| v.type_name()), Some("str"));
+        let f = |v: &Value, k: &str| match v.field(k) {
+            Some(Value::Float(x)) => *x,
+            other => panic!("{k}: {other:?}"),
+        };
+        assert!((f(gga, "lat") - (48.0 + 7.038 / 60.0)).abs() < 1e-9);
+        assert!((f(gga, "lon") - (11.0 + 31.0 / 60.0)).abs() < 1e-9);
+        assert_eq!(f(gga, "alt"), 545.4);
+        assert!(matches!(gga.field("fix"), Some(Value::Int(1))));
+        assert!(matches!(gga.field("utc"), Some(Value::Str(s)) if &**s == "12:35:19"));
+        let rmc = &out[1];
+        assert_eq!(f(rmc, "speed_kn"), 22.4);
+        // 1994-03-23T12:35:19Z
+        assert!(matches!(rmc.field("utc"), Some(Value::DateTime(764_426_119_000_000))));
+        let void = &out[2];
+        assert!(matches!(void.field("fix"), Some(Value::Int(0))));
+        assert!(matches!(void.field("lat"), Some(Value::Null)));
+        // South and west are negative.
+        let (out, _) = run(
+            Format::Nmea,
+            &with_checksum("GPGGA,000001,3351.000,S,15112.000,W,1,05,1.0,10.0,M,,M,,"),
+        );
+        assert!(f(&out[0], "lat") < 0.0 && f(&out[0], "lon") < 0.0);
+        // A wrong checksum, no checksum, garbage: reasons, and the next line still decodes.
+        let (out, bad) = run(
+            Format::Nmea,
+            b"$GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,*48\n$GPGGA,1\nnoise\x01\n$GPRMC,123519,A,4807.038,N,01131.000,E,022.4,084.4,230394,003.1,W*6A\n",
+        );
+        assert_eq!(out.len(), 1);
+        assert_eq!(bad.len(), 3, "{bad:?}");
+        assert!(bad[0].contains("checksum mismatch"), "{bad:?}");
+        for junk in [
+            &b"$*00"[..],
+            b"$GPRMC,99,A,,,,,,,99,,*",
+            b"$GPRMC,1,A,,,,,,,xx,,*00",
+            b"\xff$",
+            b"$GPGGA,12,x,N,,,,,,,,,,,,",
+        ] {
+            let _ = run(Format::Nmea, junk);
+        }
+    }
+
+    fn with_checksum(body: &str) -> Vec<u8> {
+        let sum = body.bytes().fold(0u8, |a, b| a ^ b);
+        format!("${body}*{sum:02X}\n").into_bytes()
     }
 
     #[test]

@@ -607,6 +607,7 @@ fn read_source(src: &Bound<'_, PyAny>, dir: &Path) -> Result<SourceSpec, ReadErr
                 },
                 "kv" => crate::decode::Format::Kv,
                 "raw" => crate::decode::Format::Raw,
+                "nmea" => crate::decode::Format::Nmea,
                 _ => crate::decode::Format::Json,
             };
             let topic_field: Option<String> = attr(src, "topic_field")?;

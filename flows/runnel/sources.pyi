@@ -40,7 +40,7 @@ def mqtt(
     *,
     broker: str = ...,
     qos: Literal[0, 1] = ...,
-    decode: Literal["json", "cbor", "csv", "kv", "raw"] = ...,
+    decode: Literal["json", "cbor", "csv", "kv", "nmea", "raw"] = ...,
     columns: list[str] | None = ...,
     topic_field: str | None = ...,
     max_payload: int = ...,
@@ -66,8 +66,10 @@ def mqtt(
     `decode`: `"json"` (one JSON value per message), `"cbor"` (one CBOR item;
     text-keyed maps become dicts), `"csv"` (each line a row; the first line of
     a message is its header unless `columns=[...]` names the cells), `"kv"`
-    (each line `id=a1 t=21.5 h=40`; values typed as CSV cells are), or
-    `"raw"` (the payload as a `str`). A payload that does not decode, or is
+    (each line `id=a1 t=21.5 h=40`; values typed as CSV cells are), `"nmea"`
+    (each line an NMEA 0183 sentence, checksum verified; GGA and RMC give
+    `lat`, `lon`, `alt`, `speed_kn`, `fix`, `utc` and the rest, other
+    sentences are passed over), or `"raw"` (the payload as a `str`). A payload that does not decode, or is
     longer than `max_payload` bytes, is counted, logged and skipped.
 
     `qos` is the subscription's QoS (0 or 1). `ack` says when a QoS 1 message

@@ -747,3 +747,46 @@ fn with_after_commit_acks_kill_9_while_readings_flow_loses_and_doubles_nothing()
     );
     assert!(agent.terminate(STOP_WITHIN).success());
 }
+
+/// `decode="nmea"`: a GPS receiver's sentences over MQTT become fields;
+/// a sentence with a wrong checksum is counted and skipped.
+#[test]
+fn nmea_sentences_over_mqtt_become_positions() {
+    let flow = r#"
+from runnel import Dataflow, op, sources, sinks
+flow = Dataflow("gps")
+fixes = op.input("in", flow, sources.mqtt("gps/{unit}", decode="nmea"))
+op.output("out", fixes, sinks.file("fixes.jsonl"))
+"#;
+    let s = Setup::new(flow, "", "");
+    let mut agent = s.start_agent("agent.log");
+    thread::sleep(Duration::from_millis(300));
+    s.ingest.publish(
+        "gps/u1",
+        b"$GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,*47\r\n\
+$GPGSV,2,1,08,01,40,083,46,02,17,308,41,12,07,344,39,14,22,228,45*75\r\n\
+$GPRMC,123519,A,4807.038,N,01131.000,E,022.4,084.4,230394,003.1,W*6B\r\n",
+        1,
+    );
+    let out = s.path().join("flows/fixes.jsonl");
+    let items = agent.wait_for(ARRIVE_WITHIN, "the GGA fix", || {
+        let items = runnel_tests::jsonl_items(&out);
+        if items.is_empty() {
+            Err("no fix yet".into())
+        } else {
+            Ok(items)
+        }
+    });
+    assert_eq!(
+        items.len(),
+        1,
+        "GSV passed over, the RMC with a bad checksum skipped: {items:?}"
+    );
+    let v = &items[0];
+    assert_eq!(v["sentence"], json!("GGA"));
+    assert_eq!(v["unit"], json!("u1"));
+    assert_eq!(v["alt"], json!(545.4));
+    assert!((v["lat"].as_f64().unwrap() - 48.1173).abs() < 1e-4, "{v}");
+    agent.wait_for_log(ARRIVE_WITHIN, "NMEA checksum mismatch");
+    assert!(agent.terminate(STOP_WITHIN).success());
+}

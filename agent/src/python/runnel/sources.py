@@ -60,7 +60,7 @@ def file(path: str, decode: Optional[str] = None) -> Source:
     return _FileSource(os.fspath(path), decode)
 
 
-_MQTT_DECODES = ("json", "cbor", "csv", "kv", "raw")
+_MQTT_DECODES = ("json", "cbor", "csv", "kv", "nmea", "raw")
 
 
 class _MqttSource(Source):
@@ -130,8 +130,10 @@ def mqtt(
     `decode`: `"json"` (one JSON value per message), `"cbor"` (one CBOR item;
     text-keyed maps become dicts), `"csv"` (each line a row; the first line of
     a message is its header unless `columns=[...]` names the cells), `"kv"`
-    (each line `id=a1 t=21.5 h=40`; values typed as CSV cells are), or
-    `"raw"` (the payload as a `str`). A payload that does not decode, or is
+    (each line `id=a1 t=21.5 h=40`; values typed as CSV cells are), `"nmea"`
+    (each line an NMEA 0183 sentence, checksum verified; GGA and RMC give
+    `lat`, `lon`, `alt`, `speed_kn`, `fix`, `utc` and the rest, other
+    sentences are passed over), or `"raw"` (the payload as a `str`). A payload that does not decode, or is
     longer than `max_payload` bytes, is counted, logged and skipped.
 
     `qos` is the subscription's QoS (0 or 1). `ack` says when a QoS 1 message
