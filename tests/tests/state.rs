@@ -404,23 +404,21 @@ fn a_churn_of_100000_short_lived_keys_leaves_neither_memory_nor_the_state_file_g
     }
     // redb reuses freed pages (and trims free space at the end of the file),
     // so the file's size goes up and down with what is open at the moment
-    // of the sample; what must not happen is growth with every round, which
-    // keeping the closed keys (15 MB and far more RSS per round) would be.
-    let peak = |r: &[(u64, u64)]| {
-        (
-            r.iter().map(|x| x.0).max().unwrap_or(0),
-            r.iter().map(|x| x.1).max().unwrap_or(0),
-        )
-    };
-    let (file_early, rss_early) = peak(&after[..4]);
-    let (file_late, rss_late) = peak(&after[4..]);
+    // of the sample (seen: 15 to 51 MB over the rounds after a first of 27 to
+    // 36), and RSS settles after the first rounds (fragmentation: up to 1.5x
+    // the first round under a loaded machine). Keeping the closed keys would
+    // grow both with every round: by the last four rounds 5 to 8 times the
+    // first round's file, and hundreds of MiB more RSS.
+    let (file_first, rss_first) = after[0];
+    let file_late = after[4..].iter().map(|x| x.0).max().unwrap_or(0);
+    let rss_late = after[4..].iter().map(|x| x.1).max().unwrap_or(0);
     assert!(
-        file_late <= file_early + file_early / 4 + (1 << 20),
-        "state file grew from at most {file_early} to {file_late} bytes over eight rounds of 100,000 keys ({after:?})"
+        file_late <= file_first * 5 / 2 + (1 << 20),
+        "state file grew from {file_first} (first round) to {file_late} bytes over eight rounds of 100,000 keys ({after:?})"
     );
     assert!(
-        rss_late <= rss_early + rss_early / 4 + 8192,
-        "RSS grew from at most {rss_early} to {rss_late} KiB over eight rounds of 100,000 keys ({after:?})"
+        rss_late <= rss_first * 2 + 8192,
+        "RSS grew from {rss_first} (first round) to {rss_late} KiB over eight rounds of 100,000 keys ({after:?})"
     );
     assert!(agent.terminate(STOP_WITHIN).success(), "{}", agent.stderr());
     // Nothing of the 300,000 keys is left to restore.
