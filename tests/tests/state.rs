@@ -480,3 +480,34 @@ flow = Dataflow",
         assert!(!done.stderr_text().contains("pickled"), "{}", done.stderr_text());
     }
 }
+
+#[test]
+fn skipped_lines_at_the_end_of_a_file_are_not_read_again_after_a_restart() {
+    let tmp = TempDir::new().unwrap();
+    let dir = tmp.path();
+    std::fs::create_dir_all(dir.join("flows")).unwrap();
+    write_file(
+        &dir.join("flows"),
+        "tail.py",
+        r#"
+from runnel import Dataflow, op, sources, sinks
+flow = Dataflow("tail")
+op.output("out", op.input("in", flow, sources.file("../tail.jsonl")), sinks.file("../out/tail.jsonl"))
+"#,
+    );
+    // 1,024 good lines fill a batch, which goes out before the bad lines are
+    // read: the end of the input then has nothing but its position to send.
+    let good: String = (0..1024).map(|i| format!("{{\"a\": {i}}}\n")).collect();
+    write_file(dir, "tail.jsonl", &format!("{good}not json\n{{broken\n"));
+    let cfg = config(dir, "");
+    let first = run_to_end(dir, &cfg, "run1.txt");
+    assert!(first.contains("record skipped"), "{first}");
+    let second = run_to_end(dir, &cfg, "run2.txt");
+    assert!(
+        !second.contains("record skipped"),
+        "the bad lines were read again:\n{second}"
+    );
+    let out = jsonl_items(&dir.join("out/tail.jsonl"));
+    assert_eq!(out.len(), 1024, "every good line once");
+    assert_eq!(out[1023], json!({"a": 1023}));
+}

@@ -96,6 +96,19 @@ fn bad(cx: &SourceCtx, file: &str, line: u64, why: String) {
     );
 }
 
+/// At the end of the input: the last batch, or with none, the position
+/// alone (so that skipped lines at the end are not read and counted again
+/// after a restart).
+fn send_last(cx: &SourceCtx, batch: &mut Vec<Item>, pos: FilePos) {
+    if batch.is_empty() {
+        let _ = cx
+            .tx
+            .blocking_send(SourceMsg::Batch(cx.input, Vec::new(), Mark::File(pos)));
+    } else {
+        send(cx, batch, pos);
+    }
+}
+
 fn send(cx: &SourceCtx, batch: &mut Vec<Item>, pos: FilePos) -> bool {
     if batch.is_empty() {
         return true;
@@ -154,7 +167,7 @@ fn read_jsonl(mut reader: BufReader<File>, file: &str, start: FilePos, cx: &Sour
             return;
         }
     }
-    send(cx, &mut batch, FilePos { offset, line });
+    send_last(cx, &mut batch, FilePos { offset, line });
 }
 
 /// The longest record a source accepts; longer ones are skipped (a stuck
@@ -323,5 +336,5 @@ fn read_csv(mut f: File, file: &str, start: FilePos, cx: &SourceCtx) {
             return;
         }
     }
-    send(cx, &mut pending.borrow_mut(), pos.get());
+    send_last(cx, &mut pending.borrow_mut(), pos.get());
 }
