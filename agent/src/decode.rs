@@ -172,24 +172,18 @@ fn nmea_sentence(line: &str) -> Result<Option<Value>, Reason> {
     }
     let (talker, kind) = id.split_at(2);
     let field = |i: usize| f.get(i).copied().unwrap_or("");
-    let num = |i: usize| -> Result<Value, Reason> {
-        match field(i) {
+    // Field `i` parsed as `T` and wrapped, `None` if empty.
+    fn parsed<T: std::str::FromStr>(t: &str, i: usize, kind: &str, wrap: fn(T) -> Value) -> Result<Value, Reason> {
+        match t {
             "" => Ok(Value::Null),
             t => t
-                .parse::<f64>()
-                .map(Value::Float)
+                .parse::<T>()
+                .map(wrap)
                 .map_err(|_| format!("NMEA {kind} field {i} is not a number: {t:?}")),
         }
-    };
-    let int = |i: usize| -> Result<Value, Reason> {
-        match field(i) {
-            "" => Ok(Value::Null),
-            t => t
-                .parse::<i64>()
-                .map(Value::Int)
-                .map_err(|_| format!("NMEA {kind} field {i} is not an integer: {t:?}")),
-        }
-    };
+    }
+    let num = |i: usize| parsed::<f64>(field(i), i, kind, Value::Float);
+    let int = |i: usize| parsed::<i64>(field(i), i, kind, Value::Int);
     // ddmm.mmmm (lat) or dddmm.mmmm (lon) and a hemisphere.
     let coord = |i: usize, neg: char| -> Result<Value, Reason> {
         let (t, h) = (field(i), field(i + 1));

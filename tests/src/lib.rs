@@ -231,15 +231,59 @@ pub fn runnel_command(dir: &Path) -> Command {
 /// Write `dir/runnel.toml` for `runnel run`: flows from `flows_dir`, state in
 /// `dir/state`, log level info. Returns the config file's path.
 pub fn write_agent_config(dir: &Path, flows_dir: &Path) -> PathBuf {
+    write_agent_config_with(dir, flows_dir, "")
+}
+
+/// `write_agent_config` with `extra` top-level lines.
+pub fn write_agent_config_with(dir: &Path, flows_dir: &Path, extra: &str) -> PathBuf {
     write_file(
         dir,
         "runnel.toml",
         &format!(
-            "device_id = \"test-device\"\nflows_dir = {}\nstate_dir = {}\nlog_level = \"info\"\n",
+            "device_id = \"test-device\"\nflows_dir = {}\nstate_dir = {}\nlog_level = \"info\"\n{extra}",
             toml_path(flows_dir),
             toml_path(&dir.join("state"))
         ),
     )
+}
+
+/// The write end of a FIFO, held open so its reader never sees end of input.
+pub struct Fifo {
+    file: fs::File,
+    path: PathBuf,
+}
+
+impl Fifo {
+    /// Make a FIFO at `path` and open it. Read-write, so the open does not
+    /// wait for the agent to open the read end.
+    pub fn create(path: &Path) -> Fifo {
+        let made = Command::new("mkfifo").arg(path).status().expect("run mkfifo");
+        assert!(made.success(), "mkfifo {} failed", path.display());
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap_or_else(|e| panic!("open FIFO {}: {e}", path.display()));
+        Fifo {
+            file,
+            path: path.to_path_buf(),
+        }
+    }
+
+    /// Write `lines` into the FIFO now.
+    pub fn send(&mut self, lines: &str) {
+        use std::io::Write;
+        self.file
+            .write_all(lines.as_bytes())
+            .and_then(|_| self.file.flush())
+            .unwrap_or_else(|e| panic!("write to FIFO {}: {e}", self.path.display()));
+    }
+
+    /// Write `values` as JSON lines into the FIFO now.
+    pub fn send_json(&mut self, values: &[serde_json::Value]) {
+        let text: String = values.iter().map(|v| format!("{v}\n")).collect();
+        self.send(&text);
+    }
 }
 
 /// A running `runnel run --config CONFIG`, its stderr going to a file.

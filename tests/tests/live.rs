@@ -10,14 +10,11 @@
 //! Linux neither blocks nor counts as a second reader that takes data, since
 //! the test never reads), and CPU time comes from `/proc/PID/stat`.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use runnel_tests::{cpu_seconds, jsonl_items, write_agent_config, write_file, Agent};
+use runnel_tests::{cpu_seconds, jsonl_items, write_agent_config, write_file, Agent, Fifo};
 use serde_json::{json, Value};
 use tempfile::TempDir;
 
@@ -30,38 +27,6 @@ const STOP_WITHIN: Duration = Duration::from_secs(5);
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
-
-/// The write end of a FIFO, held open so its reader never sees end of input.
-struct Fifo {
-    file: File,
-    path: PathBuf,
-}
-
-impl Fifo {
-    /// Make a FIFO at `path` and open it. Read-write, so the open does not
-    /// wait for the agent to open the read end.
-    fn create(path: &Path) -> Fifo {
-        let made = Command::new("mkfifo").arg(path).status().expect("run mkfifo");
-        assert!(made.success(), "mkfifo {} failed", path.display());
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .unwrap_or_else(|e| panic!("open FIFO {}: {e}", path.display()));
-        Fifo {
-            file,
-            path: path.to_path_buf(),
-        }
-    }
-
-    /// Write `lines` into the FIFO now.
-    fn send(&mut self, lines: &str) {
-        self.file
-            .write_all(lines.as_bytes())
-            .and_then(|_| self.file.flush())
-            .unwrap_or_else(|e| panic!("write to FIFO {}: {e}", self.path.display()));
-    }
-}
 
 /// A reading of sensor "a" as one JSON line, `ts` in Unix seconds.
 fn reading(ts: f64, temp: f64) -> Value {

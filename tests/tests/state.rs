@@ -3,14 +3,11 @@
 //! (the sink files), compared with an uninterrupted run of the same flow on
 //! the same data, never on runnel's own counters.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::thread;
 use std::time::Duration;
 
-use runnel_tests::{jsonl_items, toml_path, write_file, Agent};
+use runnel_tests::{jsonl_items, write_agent_config_with, write_file, Agent, Fifo};
 use serde_json::{json, Value};
 use tempfile::TempDir;
 
@@ -88,15 +85,7 @@ const OUTPUTS: [&str; 6] = ["agg", "late", "fold", "meta", "sm", "col"];
 
 /// `dir/runnel.toml` with flows from `dir/flows`, state in `dir/state`.
 fn config(dir: &Path, extra: &str) -> PathBuf {
-    write_file(
-        dir,
-        "runnel.toml",
-        &format!(
-            "device_id = \"test-device\"\nflows_dir = {}\nstate_dir = {}\nlog_level = \"info\"\n{extra}",
-            toml_path(&dir.join("flows")),
-            toml_path(&dir.join("state"))
-        ),
-    )
+    write_agent_config_with(dir, &dir.join("flows"), extra)
 }
 
 /// The lines of each output file, sorted (timers fire in an order that
@@ -190,26 +179,6 @@ fn a_file_flow_killed_at_random_moments_ends_with_the_outputs_of_an_uninterrupte
     }
 }
 
-/// The write end of a FIFO, held open so the agent's input never ends.
-struct Fifo(File);
-
-impl Fifo {
-    fn create(path: &Path) -> Fifo {
-        let made = Command::new("mkfifo").arg(path).status().expect("run mkfifo");
-        assert!(made.success(), "mkfifo {} failed", path.display());
-        Fifo(OpenOptions::new().read(true).write(true).open(path).expect("open FIFO"))
-    }
-    fn send(&mut self, lines: &[Value]) {
-        let mut text = String::new();
-        for v in lines {
-            text.push_str(&v.to_string());
-            text.push('\n');
-        }
-        self.0.write_all(text.as_bytes()).expect("write FIFO");
-        self.0.flush().expect("flush FIFO");
-    }
-}
-
 fn window_flow(length_s: u32) -> String {
     format!(
         r#"
@@ -259,14 +228,14 @@ fn windows_open_at_sigterm_continue_after_the_restart_and_a_changed_step_starts_
     let mut agent = Agent::start_logging_to(dir, &cfg, "run1.txt");
     agent.wait_for_log(Duration::from_secs(30), "starting flow");
     // Two readings in the first minute (window 0), which stays open.
-    fifo.send(&[reading("a", T0 + 1.0, 1), reading("a", T0 + 2.0, 2)]);
+    fifo.send_json(&[reading("a", T0 + 1.0, 1), reading("a", T0 + 2.0, 2)]);
     thread::sleep(Duration::from_millis(300));
     assert!(agent.terminate(STOP_WITHIN).success(), "{}", agent.stderr());
 
     let mut agent = Agent::start_logging_to(dir, &cfg, "run2.txt");
     agent.wait_for_log(Duration::from_secs(30), "restored its state");
     // One more reading in window 0, then one in minute 2 closes window 0.
-    fifo.send(&[reading("a", T0 + 3.0, 4), reading("a", T0 + 61.0, 8)]);
+    fifo.send_json(&[reading("a", T0 + 3.0, 4), reading("a", T0 + 61.0, 8)]);
     let sums = lines_at_least(&mut agent, &dir.join("out/sums.jsonl"), 1);
     assert_eq!(
         sums[0],
@@ -287,7 +256,7 @@ fn windows_open_at_sigterm_continue_after_the_restart_and_a_changed_step_starts_
     );
     assert!(!log.contains("step \"count\": the step changed"), "{log}");
     // Close the hour of "count": its 5 readings span all three runs.
-    fifo.send(&[reading("a", T0 + 3601.0, 16)]);
+    fifo.send_json(&[reading("a", T0 + 3601.0, 16)]);
     let counts = lines_at_least(&mut agent, &dir.join("out/counts.jsonl"), 1);
     assert_eq!(
         counts[0],
@@ -298,7 +267,7 @@ fn windows_open_at_sigterm_continue_after_the_restart_and_a_changed_step_starts_
     // "sum" started empty: had it kept its 60 s window 1 (the reading at
     // T0+61), that would close now; instead its next result is the 30 s
     // window 120 of the reading at T0+3601.
-    fifo.send(&[reading("a", T0 + 7300.0, 32)]);
+    fifo.send_json(&[reading("a", T0 + 7300.0, 32)]);
     let sums = lines_at_least(&mut agent, &dir.join("out/sums.jsonl"), 2);
     assert_eq!(
         sums[1],
@@ -333,7 +302,7 @@ fn a_damaged_state_file_is_moved_aside_and_runnel_starts_fresh() {
         .collect();
     assert_eq!(aside.len(), 1, "the damaged file is kept for a post-mortem");
     // And the fresh store works: a window closes and its result is written.
-    fifo.send(&[reading("a", T0 + 1.0, 1), reading("a", T0 + 61.0, 2)]);
+    fifo.send_json(&[reading("a", T0 + 1.0, 1), reading("a", T0 + 61.0, 2)]);
     let sums = lines_at_least(&mut agent, &dir.join("out/sums.jsonl"), 1);
     assert_eq!(sums[0], json!(["a", [0, {"x": {"count": 1, "sum": 1.0}}]]));
     assert!(agent.terminate(STOP_WITHIN).success(), "{}", agent.stderr());
@@ -381,7 +350,7 @@ fn a_churn_of_100000_short_lived_keys_leaves_neither_memory_nor_the_state_file_g
             let lines: Vec<Value> = (0..10_000)
                 .map(|i| reading(&format!("r{round}-{chunk}-{i}"), t, 1))
                 .collect();
-            fifo.send(&lines);
+            fifo.send_json(&lines);
         }
         let want = (round as usize + 1) * 100_000;
         agent.wait_for(Duration::from_secs(60), "every window closed", || {

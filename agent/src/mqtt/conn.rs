@@ -32,6 +32,17 @@ const REFILL: usize = WINDOW / 4;
 /// Payload bytes of QoS 0 messages a slow source may have queued before
 /// new ones are dropped (QoS 1 is bounded by the broker's in-flight window).
 const QOS0_QUEUE_BYTES: usize = 16 << 20;
+/// Hand acks to rumqttc in order until its request queue is full (the rest
+/// wait for the next try).
+fn send_acks(client: &link::Client, unsent: &mut VecDeque<u16>) {
+    while let Some(pkid) = unsent.front() {
+        if !client.ack(*pkid) {
+            break;
+        }
+        unsent.pop_front();
+    }
+}
+
 /// A connection that lasted this long resets the backoff.
 const STABLE: Duration = Duration::from_secs(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
@@ -137,12 +148,7 @@ impl Conn {
                             {
                                 unsent_acks.push_back(ack.pkid);
                             }
-                            while let Some(pkid) = unsent_acks.front() {
-                                if !client.ack(*pkid) {
-                                    break; // the request queue is full: next time
-                                }
-                                unsent_acks.pop_front();
-                            }
+                            send_acks(&client, &mut unsent_acks);
                         }
                         Some((topic, payload)) = self.stats_rx.recv() => {
                             if connected_at.is_some() && client.publish(&topic, 0, false, payload).is_ok() {
@@ -162,11 +168,8 @@ impl Conn {
             // rumqttc took requests off its queue to get here: acks that did
             // not fit (a burst after an after-commit checkpoint) go now, not
             // only when the next ack comes.
-            while let Some(pkid) = unsent_acks.front() {
-                if connected_at.is_none() || !client.ack(*pkid) {
-                    break;
-                }
-                unsent_acks.pop_front();
+            if connected_at.is_some() {
+                send_acks(&client, &mut unsent_acks);
             }
             match result {
                 Ok(Ev::ConnAck { session_present }) => {
