@@ -13,7 +13,7 @@ SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 # Debian packages the tests use (checked, installed only when missing).
-DEB_PACKAGES=(python3-venv mosquitto mosquitto-clients openssl)
+DEB_PACKAGES=(python3-venv mosquitto mosquitto-clients openssl socat)
 missing=()
 for pkg in "${DEB_PACKAGES[@]}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

@@ -279,7 +279,9 @@ fn replay(path: &Path, inputs: &[String], keep_sinks: bool, t: Timeouts) -> anyh
     for plan in &file.flows {
         for s in &plan.steps {
             match &s.kind {
-                StepKind::Input(spec @ flow::SourceSpec::Mqtt(_)) if !overrides.contains_key(&s.step_id) => {
+                StepKind::Input(spec @ (flow::SourceSpec::Mqtt(_) | flow::SourceSpec::Serial(_)))
+                    if !overrides.contains_key(&s.step_id) =>
+                {
                     anyhow::bail!(
                         "input step {:?} reads {spec}; replay it from a capture with --input {}=FILE (JSON lines or CSV), or run it live with `runnel run`",
                         s.step_id,

@@ -1,6 +1,7 @@
 //! Payload decoders: the one place where bytes from a message or a frame
-//! become items. MQTT payloads use it today and serial frames will; the
-//! file source shares its CSV cell typing.
+//! become items. MQTT payloads and serial frames use it; the file source
+//! shares its CSV cell typing. The serial source's framing (lines, COBS) is
+//! here too: a byte stream cut into frames, each then decoded as a payload.
 //!
 //! A decoder never panics on input: whatever the bytes, it returns values
 //! or a short reason the payload (or one of its lines) was skipped, which
@@ -141,6 +142,143 @@ impl PayloadDecoder {
             }
         }
     }
+}
+
+/// How a byte stream (a serial port) is cut into frames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Framing {
+    /// Lines ending in `\n` (a `\r` before it is dropped); empty lines are
+    /// passed over.
+    Lines,
+    /// COBS-encoded frames, each ended by a zero byte.
+    Cobs,
+}
+
+impl Framing {
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Framing::Lines => "lines",
+            Framing::Cobs => "cobs",
+        }
+    }
+}
+
+/// A frame's bytes, or why it was dropped.
+pub(crate) type Frame<'a> = Result<&'a [u8], Reason>;
+
+/// Cuts a byte stream into frames of at most `max` bytes (as they arrive,
+/// before COBS decoding; a line's length without its ending). Keeps the
+/// partial frame between reads.
+pub(crate) struct Framer {
+    framing: Framing,
+    max: usize,
+    buf: Vec<u8>,
+    /// The frame being read is over `max`: its bytes are dropped up to its end.
+    overlong: bool,
+    decoded: Vec<u8>,
+}
+
+impl Framer {
+    pub(crate) fn new(framing: Framing, max: usize) -> Framer {
+        Framer {
+            framing,
+            max,
+            buf: Vec::new(),
+            overlong: false,
+            decoded: Vec::new(),
+        }
+    }
+
+    /// Feed bytes; every frame they complete goes to `frame`, or the reason
+    /// it was dropped (over `max`, a broken COBS encoding).
+    pub(crate) fn push(&mut self, mut bytes: &[u8], frame: &mut dyn FnMut(Frame<'_>)) {
+        let end = match self.framing {
+            Framing::Lines => b'\n',
+            Framing::Cobs => 0,
+        };
+        while !bytes.is_empty() {
+            let (chunk, done) = match memchr::memchr(end, bytes) {
+                Some(i) => (&bytes[..i], true),
+                None => (bytes, false),
+            };
+            bytes = &bytes[chunk.len() + done as usize..];
+            if !self.overlong {
+                // A line may have a `\r` before its `\n` beyond the limit.
+                let slack = (self.framing == Framing::Lines) as usize;
+                if self.buf.len() + chunk.len() > self.max + slack {
+                    self.overlong = true;
+                    self.buf.clear();
+                } else {
+                    self.buf.extend_from_slice(chunk);
+                }
+            }
+            if !done {
+                return;
+            }
+            if self.overlong {
+                self.overlong = false;
+                frame(Err(format!("frame longer than max_frame ({} bytes)", self.max)));
+                continue;
+            }
+            match self.framing {
+                Framing::Lines => {
+                    let line = self.buf.strip_suffix(b"\r").unwrap_or(&self.buf);
+                    if line.len() > self.max {
+                        frame(Err(format!("frame longer than max_frame ({} bytes)", self.max)));
+                    } else if !line.trim_ascii().is_empty() {
+                        frame(Ok(line));
+                    }
+                }
+                Framing::Cobs if self.buf.is_empty() => {}
+                Framing::Cobs => match cobs_decode(&self.buf, &mut self.decoded) {
+                    Ok(()) => frame(Ok(&self.decoded)),
+                    Err(e) => frame(Err(e)),
+                },
+            }
+            self.buf.clear();
+        }
+    }
+
+    /// The stream was cut (the device went away): drop the partial frame,
+    /// returning its length (0 if there was none).
+    pub(crate) fn cut(&mut self) -> usize {
+        let n = if self.overlong { self.max.max(1) } else { self.buf.len() };
+        self.buf.clear();
+        self.overlong = false;
+        n
+    }
+}
+
+/// Decode one COBS frame (its zero delimiter already removed) into `out`.
+fn cobs_decode(frame: &[u8], out: &mut Vec<u8>) -> Result<(), Reason> {
+    out.clear();
+    let mut i = 0;
+    while i < frame.len() {
+        let code = frame[i] as usize;
+        if code == 0 {
+            return Err("COBS frame has a zero byte inside".into());
+        }
+        let block = frame.get(i + 1..i + code).ok_or_else(|| {
+            format!(
+                "COBS frame is cut short (a block of {} bytes, {} left)",
+                code - 1,
+                frame.len() - i - 1
+            )
+        })?;
+        out.extend_from_slice(block);
+        i += code;
+        if code < 0xFF && i < frame.len() {
+            out.push(0);
+        }
+    }
+    Ok(())
+}
+
+/// The column names of a CSV header line.
+pub(crate) fn csv_header(line: &[u8]) -> Result<Vec<Arc<str>>, Reason> {
+    let text = std::str::from_utf8(line).map_err(|u| format!("header: not UTF-8 ({u})"))?;
+    let cells = csv_cells(text).map_err(|e| format!("header: {e}"))?;
+    Ok(cells.iter().map(|c| Arc::from(c.trim())).collect())
 }
 
 /// One NMEA 0183 sentence: GGA and RMC as dicts, `None` for the other
@@ -497,6 +635,117 @@ $GNRMC,000000,V,,,,,,,010100,,*2F\r\n";
     fn with_checksum(body: &str) -> Vec<u8> {
         let sum = body.bytes().fold(0u8, |a, b| a ^ b);
         format!("${body}*{sum:02X}\n").into_bytes()
+    }
+
+    /// COBS encoding, written from the specification (for the tests).
+    fn cobs_encode(data: &[u8]) -> Vec<u8> {
+        let mut out = vec![0u8];
+        let mut code_at = 0;
+        let mut code = 1u8;
+        for &b in data {
+            if b == 0 {
+                out[code_at] = code;
+                code_at = out.len();
+                out.push(0);
+                code = 1;
+            } else {
+                out.push(b);
+                code += 1;
+                if code == 0xFF {
+                    out[code_at] = code;
+                    code_at = out.len();
+                    out.push(0);
+                    code = 1;
+                }
+            }
+        }
+        out[code_at] = code;
+        out
+    }
+
+    fn frames(framing: Framing, max: usize, chunks: &[&[u8]]) -> Vec<Result<Vec<u8>, String>> {
+        let mut f = Framer::new(framing, max);
+        let mut got = Vec::new();
+        for c in chunks {
+            f.push(c, &mut |r| got.push(r.map(|b| b.to_vec())));
+        }
+        got
+    }
+
+    #[test]
+    fn lines_are_framed_across_reads_with_a_bound() {
+        let got = frames(
+            Framing::Lines,
+            8,
+            &[b"ab", b"c\r\n\n12345678\r\n1234", b"56789\nxy", b"z\n"],
+        );
+        assert_eq!(
+            got,
+            vec![
+                Ok(b"abc".to_vec()),
+                Ok(b"12345678".to_vec()),
+                Err("frame longer than max_frame (8 bytes)".into()),
+                Ok(b"xyz".to_vec()),
+            ]
+        );
+        // A cut keeps nothing of the partial frame, and says how long it was.
+        let mut f = Framer::new(Framing::Lines, 100);
+        let mut n = 0;
+        f.push(b"ok\npart", &mut |_| n += 1);
+        assert_eq!((n, f.cut(), f.cut()), (1, 4, 0));
+        f.push(b"next\n", &mut |r| assert_eq!(r.unwrap(), b"next"));
+    }
+
+    #[test]
+    fn cobs_frames_decode_to_their_bytes_and_broken_ones_are_reasons() {
+        let long: Vec<u8> = (0..600u32).map(|i| (i % 7) as u8).collect();
+        let payloads: Vec<Vec<u8>> = vec![
+            b"hello".to_vec(),
+            vec![0, 0, 1, 0],
+            vec![0x11; 254],
+            vec![0x22; 255],
+            long,
+            vec![],
+        ];
+        let mut stream = Vec::new();
+        for p in &payloads {
+            stream.extend(cobs_encode(p));
+            stream.push(0);
+        }
+        // Fed a byte at a time and all at once: the same frames.
+        let one: Vec<&[u8]> = stream.chunks(1).collect();
+        for got in [
+            frames(Framing::Cobs, 4096, &one),
+            frames(Framing::Cobs, 4096, &[&stream]),
+        ] {
+            let want: Vec<Result<Vec<u8>, String>> = payloads.iter().map(|p| Ok(p.clone())).collect();
+            assert_eq!(got, want);
+        }
+        // A block longer than what is left, an empty frame (two zeros in a row: skipped), over max.
+        let got = frames(
+            Framing::Cobs,
+            8,
+            &[&[0x05, 1, 2, 0, 0, 0x02, 9, 0, 0x0a, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0]],
+        );
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert!(got[0].as_ref().is_err_and(|e| e.contains("cut short")), "{got:?}");
+        assert_eq!(got[1], Ok(vec![9]));
+        assert!(got[2].as_ref().is_err_and(|e| e.contains("max_frame")), "{got:?}");
+        // A CBOR reading inside COBS.
+        let v = run(Format::Json, br#"{"id": "m1", "pm25": 7.5}"#).0.remove(0);
+        let wire = cobs_encode(&to_cbor(&v));
+        let got = frames(Framing::Cobs, 4096, &[&wire, &[0]]);
+        assert_eq!(
+            show(&run(Format::Cbor, got[0].as_ref().unwrap()).0),
+            r#"{"id": "m1", "pm25": 7.5}"#
+        );
+    }
+
+    #[test]
+    fn a_csv_header_line_gives_the_columns() {
+        let cols = csv_header(b" ts , temp,\"r h\"").unwrap();
+        assert_eq!(cols.iter().map(|c| &**c).collect::<Vec<_>>(), ["ts", "temp", "r h"]);
+        assert!(csv_header(b"\xff,a").is_err());
     }
 
     #[test]

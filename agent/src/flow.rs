@@ -140,6 +140,25 @@ impl Decode {
 pub(crate) enum SourceSpec {
     File { path: PathBuf, decode: Decode },
     Mqtt(MqttSourceSpec),
+    Serial(SerialSourceSpec),
+}
+
+/// `sources.serial(...)` as the flow file gave it.
+#[derive(Clone, Debug)]
+pub(crate) struct SerialSourceSpec {
+    pub port: PathBuf,
+    pub baud: u32,
+    pub data_bits: u8,
+    /// `'N'`, `'O'` or `'E'`.
+    pub parity: char,
+    pub stop_bits: u8,
+    /// `"none"`, `"software"` or `"hardware"`.
+    pub flow_control: String,
+    pub framing: crate::decode::Framing,
+    pub max_frame: usize,
+    pub format: crate::decode::Format,
+    /// Put the time each frame was read into this field.
+    pub timestamp_field: Option<Arc<str>>,
 }
 
 /// `sources.mqtt(...)` as the flow file gave it.
@@ -177,6 +196,22 @@ impl std::fmt::Display for SourceSpec {
                 } else {
                     ""
                 }
+            ),
+            SourceSpec::Serial(p) => write!(
+                f,
+                "serial {} {} {}{}{} flow control {} ({} framing, {}){}",
+                p.port.display(),
+                p.baud,
+                p.data_bits,
+                p.parity,
+                p.stop_bits,
+                p.flow_control,
+                p.framing.name(),
+                p.format.name(),
+                p.timestamp_field
+                    .as_ref()
+                    .map(|t| format!(", receive time in {t:?}"))
+                    .unwrap_or_default()
             ),
         }
     }
@@ -598,18 +633,7 @@ fn read_source(src: &Bound<'_, PyAny>, dir: &Path) -> Result<SourceSpec, ReadErr
             for t in &topics {
                 filters.push(crate::mqtt::topic::Filter::parse(t).map_err(ReadErr::Msg)?);
             }
-            let decode: String = attr(src, "decode")?;
-            let columns: Option<Vec<String>> = attr(src, "columns")?;
-            let format = match decode.as_str() {
-                "cbor" => crate::decode::Format::Cbor,
-                "csv" => crate::decode::Format::Csv {
-                    columns: columns.map(|c| c.iter().map(|s| Arc::from(s.as_str())).collect()),
-                },
-                "kv" => crate::decode::Format::Kv,
-                "raw" => crate::decode::Format::Raw,
-                "nmea" => crate::decode::Format::Nmea,
-                _ => crate::decode::Format::Json,
-            };
+            let format = read_format(src)?;
             let topic_field: Option<String> = attr(src, "topic_field")?;
             Ok(SourceSpec::Mqtt(MqttSourceSpec {
                 broker: attr(src, "broker")?,
@@ -621,8 +645,51 @@ fn read_source(src: &Bound<'_, PyAny>, dir: &Path) -> Result<SourceSpec, ReadErr
                 after_commit: attr::<String>(src, "ack")? == "after-commit",
             }))
         }
+        "serial" => {
+            let port: String = attr(src, "port")?;
+            let framing: String = attr(src, "framing")?;
+            let parity: String = attr(src, "parity")?;
+            let timestamp_field: Option<String> = attr(src, "timestamp_field")?;
+            Ok(SourceSpec::Serial(SerialSourceSpec {
+                port: resolve(dir, &port),
+                baud: attr(src, "baud")?,
+                data_bits: attr(src, "data_bits")?,
+                parity: match parity.as_str() {
+                    "odd" => 'O',
+                    "even" => 'E',
+                    _ => 'N',
+                },
+                stop_bits: attr(src, "stop_bits")?,
+                flow_control: attr(src, "flow_control")?,
+                framing: if framing == "cobs" {
+                    crate::decode::Framing::Cobs
+                } else {
+                    crate::decode::Framing::Lines
+                },
+                max_frame: attr(src, "max_frame")?,
+                format: read_format(src)?,
+                timestamp_field: timestamp_field.map(|t| Arc::from(t.as_str())),
+            }))
+        }
         other => Err(ReadErr::Msg(format!("unknown source kind {other:?}"))),
     }
+}
+
+/// A source's `decode` (and `columns`), already validated in Python.
+fn read_format(src: &Bound<'_, PyAny>) -> Result<crate::decode::Format, ReadErr> {
+    use crate::decode::Format;
+    let decode: String = attr(src, "decode")?;
+    let columns: Option<Vec<String>> = attr(src, "columns")?;
+    Ok(match decode.as_str() {
+        "cbor" => Format::Cbor,
+        "csv" => Format::Csv {
+            columns: columns.map(|c| c.iter().map(|s| Arc::from(s.as_str())).collect()),
+        },
+        "kv" => Format::Kv,
+        "raw" => Format::Raw,
+        "nmea" => Format::Nmea,
+        _ => Format::Json,
+    })
 }
 
 fn read_sink(sink: &Bound<'_, PyAny>, dir: &Path) -> Result<SinkSpec, ReadErr> {

@@ -6,7 +6,7 @@ counted, logged with where it came from (file and line), and skipped.
 
 from typing import Literal
 
-__all__ = ["Source", "file", "mqtt"]
+__all__ = ["Source", "file", "mqtt", "serial"]
 
 class Source:
     """Base class of all runnel sources; build one with a function of this
@@ -86,5 +86,54 @@ def mqtt(
     rows = op.input("rows", flow, sources.mqtt(["plant/+/csv", "plant/line2/#"],
                                                decode="csv", columns=["ts", "temp"],
                                                topic_field="topic"))
+    ```
+    """
+
+def serial(
+    port: str,
+    *,
+    baud: int = ...,
+    data_bits: Literal[5, 6, 7, 8] = ...,
+    parity: Literal["none", "odd", "even"] = ...,
+    stop_bits: Literal[1, 2] = ...,
+    flow_control: Literal["none", "software", "hardware"] = ...,
+    framing: Literal["lines", "cobs"] = ...,
+    max_frame: int = ...,
+    decode: Literal["json", "csv", "kv", "nmea", "cbor", "raw"] = ...,
+    columns: list[str] | None = ...,
+    timestamp_field: str | None = ...,
+) -> Source:
+    """Read a serial device: a UART, or a USB-serial adapter of an Arduino,
+    ESP board, GPS receiver or meter. Use a stable path such as
+    `/dev/serial/by-id/usb-...` (a USB adapter's `/dev/ttyUSB0` can change
+    name when it is plugged in again).
+
+    The port is opened exclusively with `baud`, `data_bits` (5 to 8),
+    `parity` (`"none"`, `"odd"`, `"even"`), `stop_bits` (1 or 2) and
+    `flow_control` (`"none"`, `"software"`, `"hardware"`). When the device
+    goes away (unplugged, reset, the path gone) runnel waits for it and reads
+    it again at the same path; what it read before is kept, and the flow's
+    windows go on closing while it is away.
+
+    `framing="lines"`: each line (`\\n` or `\\r\\n`) is a frame. `framing="cobs"`:
+    COBS-encoded frames, each ended by a zero byte, as microcontrollers send
+    binary data. A frame over `max_frame` bytes is skipped.
+
+    `decode` turns each frame into items: `"json"`, `"csv"` (cells typed as
+    in the file source; the first line after the port opens is the header
+    unless `columns=[...]` names the cells), `"kv"` (`id=a1 t=21.5 h=40`),
+    `"nmea"` (NMEA 0183 GGA and RMC, checksum verified: `lat`, `lon`, `alt`,
+    `speed_kn`, `fix`, `utc`, ...; other sentences are passed over), `"cbor"`
+    (needs `framing="cobs"`), or `"raw"` (the frame as a `str`). A frame that
+    does not decode is counted, logged and skipped.
+
+    `timestamp_field="received"` puts the time each frame was read (a UTC
+    `datetime`) into that field, for a device that sends no time of its own;
+    items that are not dicts become `{"value": item}`.
+
+    ```python
+    gps = op.input("gps", flow, sources.serial("/dev/serial0", baud=9600, decode="nmea"))
+    air = op.input("air", flow, sources.serial("/dev/serial/by-id/usb-Arduino_Uno-if00",
+                                               decode="kv", timestamp_field="received"))
     ```
     """

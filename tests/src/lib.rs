@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 
 pub mod mqtt;
+pub mod serial;
 
 use std::collections::BTreeMap;
 use std::fs;

@@ -29,6 +29,8 @@ pub(crate) fn of_plan(plan: &FlowPlan, py: &PyRunner) -> Vec<(std::sync::Arc<str
                     .collect::<Vec<_>>()
                     .join(",")
             )),
+            // A serial port has no position to keep.
+            StepKind::Input(SourceSpec::Serial(_)) => None,
             StepKind::Output(SinkSpec::File(path)) => Some(format!("output file {}", path.display())),
             StepKind::Output(_) => None,
             StepKind::Py(PyOpKind::StatefulMap, f) => {

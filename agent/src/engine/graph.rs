@@ -709,7 +709,7 @@ fn engine_main(plan: FlowPlan, mut opts: FlowOptions, py: PyRunner, rt: tokio::r
                     None => {}
                 },
                 SourceConfig::Mqtt(m) => m.restored = row("seen"),
-                SourceConfig::Unavailable(_) => {}
+                SourceConfig::Serial(_) | SourceConfig::Unavailable(_) => {}
             }
         }
         let (back_tx, back_rx) = std::sync::mpsc::channel();

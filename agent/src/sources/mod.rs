@@ -1,11 +1,11 @@
 //! Sources: where items come from. Each kind of source is a config the
 //! planner built from the flow file and a task that decodes records into
 //! items and sends them in batches to the flow's engine. Adding a source
-//! (MQTT, serial) adds a file here and a match arm in `start`; the engine
-//! does not change.
+//! adds a file here and a match arm in `start`; the engine does not change.
 
 mod file;
 mod mqtt;
+mod serial;
 
 pub(crate) use mqtt::{Held as MqttHeld, MqttInput, Seen as MqttSeen};
 
@@ -102,6 +102,7 @@ pub(crate) enum SourceConfig {
         start: Option<FilePos>,
     },
     Mqtt(MqttInput),
+    Serial(crate::flow::SerialSourceSpec),
     /// A source that cannot run here (an MQTT input outside `runnel run`):
     /// it reads nothing and says why.
     Unavailable(String),
@@ -119,6 +120,7 @@ impl SourceConfig {
                 "an MQTT source (broker {}) needs the agent (runnel run)",
                 m.broker
             )),
+            SourceSpec::Serial(p) => SourceConfig::Serial(p.clone()),
         }
     }
 
@@ -127,6 +129,7 @@ impl SourceConfig {
         match self {
             SourceConfig::File { path, .. } => path.display().to_string(),
             SourceConfig::Mqtt(m) => format!("mqtt broker {} message", m.spec.broker),
+            SourceConfig::Serial(p) => format!("serial {} frame", p.port.display()),
             SourceConfig::Unavailable(_) => "nothing".into(),
         }
     }
@@ -139,6 +142,9 @@ impl SourceConfig {
             }
             SourceConfig::Mqtt(m) => {
                 rt.spawn(mqtt::read(m, cx));
+            }
+            SourceConfig::Serial(p) => {
+                rt.spawn(serial::read(p, cx));
             }
             SourceConfig::Unavailable(why) => {
                 cx.counters.add(&format!("{}.source_errors", cx.step_id), 1);

@@ -6,7 +6,7 @@ counted, logged with where it came from (file and line), and skipped.
 
 from typing import Optional
 
-__all__ = ["Source", "file", "mqtt"]
+__all__ = ["Source", "file", "mqtt", "serial"]
 
 _DECODES = ("jsonl", "csv")
 
@@ -180,3 +180,111 @@ def mqtt(
     if ack == "after-commit" and qos != 1:
         raise ValueError(f"{where}: ack=\"after-commit\" needs qos=1 (QoS 0 messages are never acknowledged)")
     return _MqttSource(list(topics), broker, qos, decode, columns, topic_field, max_payload, ack)
+
+
+_SERIAL_DECODES = ("json", "csv", "kv", "nmea", "cbor", "raw")
+
+
+class _SerialSource(Source):
+    kind = "serial"
+
+    def __init__(self, port, baud, data_bits, parity, stop_bits, flow_control, framing, max_frame, decode, columns,
+                 timestamp_field):
+        self.port = port
+        self.baud = baud
+        self.data_bits = data_bits
+        self.parity = parity
+        self.stop_bits = stop_bits
+        self.flow_control = flow_control
+        self.framing = framing
+        self.max_frame = max_frame
+        self.decode = decode
+        self.columns = columns
+        self.timestamp_field = timestamp_field
+
+    def __repr__(self):
+        return (f"sources.serial({self.port!r}, baud={self.baud}, framing={self.framing!r}, "
+                f"decode={self.decode!r})")
+
+
+def serial(
+    port: str,
+    *,
+    baud: int = 115200,
+    data_bits: int = 8,
+    parity: str = "none",
+    stop_bits: int = 1,
+    flow_control: str = "none",
+    framing: str = "lines",
+    max_frame: int = 4096,
+    decode: str = "json",
+    columns=None,
+    timestamp_field=None,
+) -> Source:
+    """Read a serial device: a UART, or a USB-serial adapter of an Arduino,
+    ESP board, GPS receiver or meter. Use a stable path such as
+    `/dev/serial/by-id/usb-...` (a USB adapter's `/dev/ttyUSB0` can change
+    name when it is plugged in again).
+
+    The port is opened exclusively with `baud`, `data_bits` (5 to 8),
+    `parity` (`"none"`, `"odd"`, `"even"`), `stop_bits` (1 or 2) and
+    `flow_control` (`"none"`, `"software"`, `"hardware"`). When the device
+    goes away (unplugged, reset, the path gone) runnel waits for it and reads
+    it again at the same path; what it read before is kept, and the flow's
+    windows go on closing while it is away.
+
+    `framing="lines"`: each line (`\\n` or `\\r\\n`) is a frame. `framing="cobs"`:
+    COBS-encoded frames, each ended by a zero byte, as microcontrollers send
+    binary data. A frame over `max_frame` bytes is skipped.
+
+    `decode` turns each frame into items: `"json"`, `"csv"` (cells typed as
+    in the file source; the first line after the port opens is the header
+    unless `columns=[...]` names the cells), `"kv"` (`id=a1 t=21.5 h=40`),
+    `"nmea"` (NMEA 0183 GGA and RMC, checksum verified: `lat`, `lon`, `alt`,
+    `speed_kn`, `fix`, `utc`, ...; other sentences are passed over), `"cbor"`
+    (needs `framing="cobs"`), or `"raw"` (the frame as a `str`). A frame that
+    does not decode is counted, logged and skipped.
+
+    `timestamp_field="received"` puts the time each frame was read (a UTC
+    `datetime`) into that field, for a device that sends no time of its own;
+    items that are not dicts become `{"value": item}`.
+
+    ```python
+    gps = op.input("gps", flow, sources.serial("/dev/serial0", baud=9600, decode="nmea"))
+    air = op.input("air", flow, sources.serial("/dev/serial/by-id/usb-Arduino_Uno-if00",
+                                               decode="kv", timestamp_field="received"))
+    ```
+    """
+    import os
+
+    where = f"sources.serial({port!r})"
+    if not isinstance(port, str) or not port:
+        raise TypeError(f"sources.serial: `port` must be a non-empty str such as \"/dev/ttyUSB0\"; got {port!r}")
+    if isinstance(baud, bool) or not isinstance(baud, int) or not 50 <= baud <= 16_000_000:
+        raise ValueError(f"{where}: `baud` must be an int between 50 and 16000000; got {baud!r}")
+    if data_bits not in (5, 6, 7, 8) or isinstance(data_bits, bool):
+        raise ValueError(f"{where}: `data_bits` must be 5, 6, 7 or 8; got {data_bits!r}")
+    if parity not in ("none", "odd", "even"):
+        raise ValueError(f"{where}: `parity` must be \"none\", \"odd\" or \"even\"; got {parity!r}")
+    if stop_bits not in (1, 2) or isinstance(stop_bits, bool):
+        raise ValueError(f"{where}: `stop_bits` must be 1 or 2; got {stop_bits!r}")
+    if flow_control not in ("none", "software", "hardware"):
+        raise ValueError(f"{where}: `flow_control` must be \"none\", \"software\" or \"hardware\"; got {flow_control!r}")
+    if framing not in ("lines", "cobs"):
+        raise ValueError(f"{where}: `framing` must be \"lines\" or \"cobs\"; got {framing!r}")
+    if isinstance(max_frame, bool) or not isinstance(max_frame, int) or not 16 <= max_frame <= 1 << 20:
+        raise ValueError(f"{where}: `max_frame` must be an int between 16 and 1048576 (bytes); got {max_frame!r}")
+    if decode not in _SERIAL_DECODES:
+        raise ValueError(f"{where}: `decode` must be one of {', '.join(_SERIAL_DECODES)}; got {decode!r}")
+    if decode == "cbor" and framing != "cobs":
+        raise ValueError(f"{where}: decode=\"cbor\" needs framing=\"cobs\" (CBOR is binary: a newline byte can be part of it)")
+    if columns is not None:
+        if decode != "csv":
+            raise ValueError(f"{where}: `columns` is only for decode=\"csv\"")
+        if not isinstance(columns, (list, tuple)) or not columns or not all(isinstance(c, str) and c for c in columns):
+            raise TypeError(f"{where}: `columns` must be a non-empty list of str; got {columns!r}")
+        columns = list(columns)
+    if timestamp_field is not None and (not isinstance(timestamp_field, str) or not timestamp_field):
+        raise TypeError(f"{where}: `timestamp_field` must be a non-empty str or None; got {timestamp_field!r}")
+    return _SerialSource(os.fspath(port), baud, data_bits, parity, stop_bits, flow_control, framing, max_frame, decode,
+                         columns, timestamp_field)
