@@ -160,8 +160,7 @@ impl PayloadDecoder {
 /// How a byte stream (a serial port) is cut into frames.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Framing {
-    /// Lines ending in `\n` (a `\r` before it is dropped); empty lines are
-    /// passed over.
+    /// Lines ending in `\n`, `\r\n` or `\r`; empty lines are passed over.
     Lines,
     /// COBS-encoded frames, each ended by a zero byte.
     Cobs,
@@ -179,9 +178,9 @@ impl Framing {
 /// A frame's bytes, or why it was dropped.
 pub(crate) type Frame<'a> = Result<&'a [u8], Reason>;
 
-/// Cuts a byte stream into frames of at most `max` bytes (as they arrive,
-/// before COBS decoding; a line's length without its ending). Keeps the
-/// partial frame between reads.
+/// Cuts a byte stream into frames of at most `max` bytes (as they arrive:
+/// a line without its ending; a COBS frame encoded, one byte more per 254
+/// than its payload). Keeps the partial frame between reads.
 pub(crate) struct Framer {
     framing: Framing,
     max: usize,
@@ -203,24 +202,31 @@ impl Framer {
     }
 
     /// Feed bytes; every frame they complete goes to `frame`, or the reason
-    /// it was dropped (over `max`, a broken COBS encoding).
+    /// it was dropped (over `max`, a broken COBS encoding). A frame over
+    /// `max` is reported as soon as it is (a device that never ends its
+    /// frames, wrong `framing`, shows at once), and its bytes are dropped up
+    /// to its end.
     pub(crate) fn push(&mut self, mut bytes: &[u8], frame: &mut dyn FnMut(Frame<'_>)) {
-        let end = match self.framing {
-            Framing::Lines => b'\n',
-            Framing::Cobs => 0,
-        };
         while !bytes.is_empty() {
-            let (chunk, done) = match memchr::memchr(end, bytes) {
+            let end = match self.framing {
+                // `\n`, `\r\n`, or a lone `\r` (some devices end lines so);
+                // the empty frame between `\r` and `\n` is passed over.
+                Framing::Lines => memchr::memchr2(b'\n', b'\r', bytes),
+                Framing::Cobs => memchr::memchr(0, bytes),
+            };
+            let (chunk, done) = match end {
                 Some(i) => (&bytes[..i], true),
                 None => (bytes, false),
             };
             bytes = &bytes[chunk.len() + done as usize..];
             if !self.overlong {
-                // A line may have a `\r` before its `\n` beyond the limit.
-                let slack = (self.framing == Framing::Lines) as usize;
-                if self.buf.len() + chunk.len() > self.max + slack {
+                if self.buf.len() + chunk.len() > self.max {
                     self.overlong = true;
                     self.buf.clear();
+                    frame(Err(format!(
+                        "frame longer than max_frame ({} bytes); if every frame is, check `framing` and the device's line endings",
+                        self.max
+                    )));
                 } else {
                     self.buf.extend_from_slice(chunk);
                 }
@@ -230,18 +236,11 @@ impl Framer {
             }
             if self.overlong {
                 self.overlong = false;
-                frame(Err(format!("frame longer than max_frame ({} bytes)", self.max)));
                 continue;
             }
             match self.framing {
-                Framing::Lines => {
-                    let line = self.buf.strip_suffix(b"\r").unwrap_or(&self.buf);
-                    if line.len() > self.max {
-                        frame(Err(format!("frame longer than max_frame ({} bytes)", self.max)));
-                    } else if !line.trim_ascii().is_empty() {
-                        frame(Ok(line));
-                    }
-                }
+                Framing::Lines if self.buf.trim_ascii().is_empty() => {}
+                Framing::Lines => frame(Ok(&self.buf)),
                 Framing::Cobs if self.buf.is_empty() => {}
                 Framing::Cobs => match cobs_decode(&self.buf, &mut self.decoded) {
                     Ok(()) => frame(Ok(&self.decoded)),
@@ -253,9 +252,10 @@ impl Framer {
     }
 
     /// The stream was cut (the device went away): drop the partial frame,
-    /// returning its length (0 if there was none).
+    /// returning its length (0 if there was none, or it was reported as
+    /// over `max` already).
     pub(crate) fn cut(&mut self) -> usize {
-        let n = if self.overlong { self.max.max(1) } else { self.buf.len() };
+        let n = if self.overlong { 0 } else { self.buf.len() };
         self.buf.clear();
         self.overlong = false;
         n
@@ -703,17 +703,22 @@ $GNRMC,000000,V,,,,,,,010100,,*2F\r\n";
         let got = frames(
             Framing::Lines,
             8,
-            &[b"ab", b"c\r\n\n12345678\r\n1234", b"56789\nxy", b"z\n"],
+            &[b"ab", b"c\r\n\n12345678\r\n1234", b"56789\nxy", b"z\rcr only\r"],
         );
         assert_eq!(
             got,
             vec![
                 Ok(b"abc".to_vec()),
                 Ok(b"12345678".to_vec()),
-                Err("frame longer than max_frame (8 bytes)".into()),
+                Err("frame longer than max_frame (8 bytes); if every frame is, check `framing` and the device's line endings".into()),
                 Ok(b"xyz".to_vec()),
+                Ok(b"cr only".to_vec()),
             ]
         );
+        // A frame that never ends is reported at once, and once.
+        let got = frames(Framing::Lines, 8, &[&[b'x'; 20], &[b'y'; 30], b"\nok\n"]);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(got[0].is_err() && got[1] == Ok(b"ok".to_vec()), "{got:?}");
         // A cut keeps nothing of the partial frame, and says how long it was.
         let mut f = Framer::new(Framing::Lines, 100);
         let mut n = 0;

@@ -115,13 +115,14 @@ def serial(
     it again at the same path; what it read before is kept, and the flow's
     windows go on closing while it is away.
 
-    `framing="lines"`: each line (`\\n` or `\\r\\n`) is a frame. `framing="cobs"`:
-    COBS-encoded frames, each ended by a zero byte, as microcontrollers send
-    binary data. A frame over `max_frame` bytes is skipped.
+    `framing="lines"`: each line (ended by `\\n`, `\\r\\n` or `\\r`) is a frame.
+    `framing="cobs"`: COBS-encoded frames, each ended by a zero byte, as
+    microcontrollers send binary data. A frame over `max_frame` bytes (as
+    sent: COBS adds a byte per 254) is skipped.
 
     `decode` turns each frame into items: `"json"`, `"csv"` (cells typed as
-    in the file source; the first line after the port opens is the header
-    unless `columns=[...]` names the cells), `"kv"` (`id=a1 t=21.5 h=40`),
+    in the file source; the first line read is the header unless
+    `columns=[...]` names the cells; COBS frames need `columns`), `"kv"` (`id=a1 t=21.5 h=40`),
     `"nmea"` (NMEA 0183 GGA and RMC, checksum verified: `lat`, `lon`, `alt`,
     `speed_kn`, `fix`, `utc`, ...; other sentences are passed over), `"cbor"`
     (needs `framing="cobs"`), or `"raw"` (the frame as a `str`). A frame that

@@ -22,18 +22,31 @@ pub struct SerialDevice {
     pub link: PathBuf,
     child: Option<Child>,
     stdin: Option<ChildStdin>,
+    wait_slave: bool,
 }
 
 impl SerialDevice {
-    /// Plug a device in at `link` and wait until the link exists.
+    /// Plug a device in at `link` and wait until the link exists. Nothing
+    /// sent reaches the pty before the agent opens it.
     pub fn plug(link: &Path) -> SerialDevice {
+        SerialDevice::plug_with(link, true)
+    }
+
+    /// `plug`; with `wait_slave` false, bytes go into the pty at once.
+    pub fn plug_with(link: &Path, wait_slave: bool) -> SerialDevice {
         let mut d = SerialDevice {
             link: link.to_path_buf(),
             child: None,
             stdin: None,
+            wait_slave,
         };
         d.replug();
         d
+    }
+
+    /// The pty behind the link (`/dev/pts/N`).
+    pub fn pts(&self) -> PathBuf {
+        std::fs::read_link(&self.link).unwrap_or_else(|e| panic!("read link {}: {e}", self.link.display()))
     }
 
     /// Plug the device in again (a new pty at the same path).
@@ -41,10 +54,11 @@ impl SerialDevice {
         assert!(self.child.is_none(), "the device is already plugged in");
         // -u: from stdin to the pty only. raw,echo=0: bytes pass unchanged.
         // wait-slave: nothing is written until the agent opens the port.
+        let wait = if self.wait_slave { "wait-slave," } else { "" };
         let mut child = Command::new(socat_bin())
             .arg("-u")
             .arg("STDIN")
-            .arg(format!("PTY,raw,echo=0,wait-slave,link={}", self.link.display()))
+            .arg(format!("PTY,raw,echo=0,{wait}link={}", self.link.display()))
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -73,14 +87,18 @@ impl SerialDevice {
         stdin.flush().expect("flush to socat");
     }
 
-    /// Pull the plug: socat is killed, the pty closes and the link goes.
+    /// Pull the plug: the link goes, then socat is killed and the pty
+    /// closes. (In that order: a dangling link to `/dev/pts/N` could reach
+    /// another test's new pty with the same number.)
     pub fn unplug(&mut self) {
+        if self.child.is_some() {
+            let _ = std::fs::remove_file(&self.link);
+        }
         self.stdin = None;
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let _ = std::fs::remove_file(&self.link);
     }
 }
 

@@ -86,6 +86,20 @@ fn stop_counters(log: &str, flow_id: &str) -> BTreeMap<String, u64> {
         .collect()
 }
 
+/// The wall clock in Unix seconds.
+fn now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// RFC 3339 text as Unix seconds.
+fn seconds_of(text: &str) -> f64 {
+    let t = chrono::DateTime::parse_from_rfc3339(text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+    t.timestamp_micros() as f64 / 1e6
+}
+
 /// Readings of three sensors, one per second each for 60 s of event time,
 /// with values that sum exactly in binary floating point.
 fn readings() -> Vec<(String, i64, f64)> {
@@ -130,7 +144,9 @@ fn json_csv_kv_nmea_and_cobs_cbor_devices_go_through_windows_with_garbage_skippe
     let dir = tmp.path();
     let flows = dir.join("flows");
     let port = |name: &str| dir.join(format!("dev-{name}"));
-    let event_clock = r#"win.EventClock("ts", wait_for_system_duration=timedelta(0), unit="s")"#;
+    // 60 s of wait: a stall of the machine between two readings must not
+    // make the second late (the closers, 1000 s ahead, still close all).
+    let event_clock = r#"win.EventClock("ts", wait_for_system_duration=timedelta(seconds=60), unit="s")"#;
     let json_args = r#"decode="json", max_frame=512"#;
     write_file(
         &flows,
@@ -179,7 +195,7 @@ fn json_csv_kv_nmea_and_cobs_cbor_devices_go_through_windows_with_garbage_skippe
     let nmea_extra = r#"rmc = op.filter("rmc", items, lambda f: f["sentence"] == "RMC")
 gga = op.filter("gga", items, lambda f: f["sentence"] == "GGA")
 op.output("gga_out", gga, sinks.file("gga.jsonl"))"#;
-    let nmea_clock = r#"win.EventClock("utc", wait_for_system_duration=timedelta(0))"#;
+    let nmea_clock = r#"win.EventClock("utc", wait_for_system_duration=timedelta(seconds=60))"#;
     write_file(
         &flows,
         "nmea.py",
@@ -195,13 +211,22 @@ op.output("gga_out", gga, sinks.file("gga.jsonl"))"#;
             "speed_kn",
         ),
     );
+    // Raw lines with the time they were read, written out as they come.
+    write_file(
+        &flows,
+        "raw.py",
+        &format!(
+            "from runnel import Dataflow, op, sources, sinks\nflow = Dataflow(\"raw\")\nitems = op.input(\"in\", flow, sources.serial({:?}, decode=\"raw\", timestamp_field=\"received\"))\nop.output(\"out\", items, sinks.file(\"raw.jsonl\"))\n",
+            port("raw").display().to_string()
+        ),
+    );
     let config = write_agent_config(dir, &flows);
-    let mut devices: BTreeMap<&str, SerialDevice> = ["json", "csv", "kv", "cbor", "nmea"]
+    let mut devices: BTreeMap<&str, SerialDevice> = ["json", "csv", "kv", "cbor", "nmea", "raw"]
         .iter()
         .map(|n| (*n, SerialDevice::plug(&port(n))))
         .collect();
     let mut agent = Agent::start(dir, &config);
-    for n in ["json", "csv", "kv", "cbor", "nmea"] {
+    for n in ["json", "csv", "kv", "cbor", "nmea", "raw"] {
         agent.wait_for_log(Duration::from_secs(15), &format!("reading {}", port(n).display()));
     }
 
@@ -320,6 +345,15 @@ op.output("gga_out", gga, sinks.file("gga.jsonl"))"#;
     malformed.insert("nmea", nmea_bad);
     devices.get_mut("nmea").unwrap().send(&nmea_text);
 
+    let raw_sent = now();
+    devices
+        .get_mut("raw")
+        .unwrap()
+        .send("héllo 1\r\n\nhello 2\n".as_bytes());
+    devices.get_mut("raw").unwrap().send(b"hello\xc3\x28\n");
+    devices.get_mut("raw").unwrap().send(b"hello 3\r");
+    malformed.insert("raw", 1);
+
     for id in ["json", "csv", "kv", "cbor"] {
         let out = flows.join(format!("{id}.jsonl"));
         let got = agent.wait_for(Duration::from_secs(20), &format!("{id}: all windows"), || {
@@ -356,6 +390,26 @@ op.output("gga_out", gga, sinks.file("gga.jsonl"))"#;
         })
         .collect();
     assert_eq!(gga, gga_want, "nmea: every GGA fix, in order");
+    // Raw frames become {"value": text, "received": the time they were read}.
+    let raw_out = flows.join("raw.jsonl");
+    let raw = agent.wait_for(Duration::from_secs(10), "raw: three lines", || {
+        let items = jsonl_items(&raw_out);
+        if items.len() >= 3 {
+            Ok(items)
+        } else {
+            Err(format!("{} of 3", items.len()))
+        }
+    });
+    let raw_done = now();
+    let texts: Vec<&str> = raw.iter().map(|v| v["value"].as_str().unwrap_or("?")).collect();
+    assert_eq!(texts, ["héllo 1", "hello 2", "hello 3"], "{raw:?}");
+    for v in &raw {
+        let at = seconds_of(v["received"].as_str().unwrap_or_else(|| panic!("received in {v}")));
+        assert!(
+            raw_sent <= at && at <= raw_done,
+            "received {at} not within [{raw_sent}, {raw_done}]: {v}"
+        );
+    }
 
     assert_eq!(agent.terminate(STOP_WITHIN).code(), Some(0), "{}", agent.stderr());
     let log = agent.stderr();
@@ -414,6 +468,7 @@ fn a_device_unplugged_and_plugged_back_at_the_same_path_loses_no_window() {
     agent.wait_for_log(Duration::from_secs(10), &format!("reading {}", link.display()));
     let out = flows.join("unplug.jsonl");
     let mut sent = (0u64, 0.0f64);
+    let first_sent = now();
     for i in 0..20 {
         device.send(format!("id=a n={i}\n").as_bytes());
         sent.0 += 1;
@@ -459,7 +514,16 @@ fn a_device_unplugged_and_plugged_back_at_the_same_path_loses_no_window() {
             Err(format!("{t:?} of {sent:?}"))
         }
     });
+    let last_sent = now();
     assert_eq!(after, sent, "every reading before and after the cut, once");
+    // Windows are 1 s of receive time: each one's id lies within the sending.
+    for (_, id) in windows(&out, "n").keys() {
+        let start = (T0 + id) as f64;
+        assert!(
+            start + 1.0 > first_sent && start <= last_sent,
+            "window {id} ({start}) is outside the time the readings were sent ({first_sent}..{last_sent})"
+        );
+    }
     assert!(
         jsonl_items(&flows.join("unplug_late.jsonl")).is_empty(),
         "nothing is late"
@@ -492,7 +556,7 @@ fn line_noise_between_readings_is_counted_and_the_readings_still_count() {
     let dir = tmp.path();
     let flows = dir.join("flows");
     let link = dir.join("noisy");
-    let clock = r#"win.EventClock("ts", wait_for_system_duration=timedelta(0), unit="s")"#;
+    let clock = r#"win.EventClock("ts", wait_for_system_duration=timedelta(seconds=60), unit="s")"#;
     write_file(
         &flows,
         "noise.py",
@@ -584,6 +648,7 @@ fn serial_inputs_need_the_agent_and_bad_arguments_are_refused_when_checked() {
     for (args, needle) in [
         (r#""/dev/x", decode="cbor""#, "needs framing=\"cobs\""),
         (r#""/dev/x", baud=0"#, "`baud` must be"),
+        (r#""/dev/x", framing="cobs", decode="csv""#, "needs columns=[...]"),
         (r#""/dev/x", parity="mark""#, "`parity` must be"),
         (r#""/dev/x", max_frame=4"#, "`max_frame` must be"),
         (r#""/dev/x", columns=["a"]"#, "only for decode=\"csv\""),
@@ -605,4 +670,152 @@ fn serial_inputs_need_the_agent_and_bad_arguments_are_refused_when_checked() {
             runnel_tests::show(&done)
         );
     }
+}
+
+#[test]
+fn a_busy_port_is_waited_for_a_cut_first_frame_is_partial_and_a_re_pointed_link_is_followed() {
+    let tmp = TempDir::new().unwrap();
+    let dir = tmp.path();
+    let flows = dir.join("flows");
+    let link = dir.join("gps");
+    let clock = r#"win.EventClock("ts", wait_for_system_duration=timedelta(seconds=60), unit="s")"#;
+    write_file(
+        &flows,
+        "moves.py",
+        &window_flow("moves", &link, r#"decode="json""#, "", "items", "id", clock, 10, "t"),
+    );
+    let config = write_agent_config(dir, &flows);
+    let mut a = SerialDevice::plug(&link);
+    // Another program holds the port's lock (as `flock` or a serial
+    // terminal would): runnel says it is busy and waits.
+    // -o: the lock stays with flock (not its child), and goes when it is killed.
+    let holder = std::process::Command::new("flock")
+        .arg("-x")
+        .arg("-o")
+        .arg(a.pts())
+        .arg("sleep")
+        .arg("30")
+        .spawn()
+        .expect("run flock (util-linux)");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut holder = Kill(holder);
+    let mut agent = Agent::start(dir, &config);
+    agent.wait_for_log(Duration::from_secs(15), "is busy: another program has it open");
+    let _ = holder.0.kill();
+    let _ = holder.0.wait();
+    agent.wait_for_log(Duration::from_secs(10), &format!("reading {}", link.display()));
+    // The first bytes are the tail of a line the device was sending.
+    let mut readings = Vec::new();
+    let mut bytes = b"\"t\": 5.5}\n".to_vec();
+    for i in 0..30i64 {
+        readings.push(("s1".to_string(), T0 + i, (i % 4) as f64));
+        bytes.extend(format!("{}\n", json!({"id": "s1", "ts": T0 + i, "t": (i % 4) as f64})).into_bytes());
+    }
+    a.send(&bytes);
+    let out = flows.join("moves.jsonl");
+    // The link is pointed at another device while the first one is still
+    // there (udev re-creating a by-id link): once the first is silent,
+    // runnel notices and follows the link.
+    let b = SerialDevice::plug(&dir.join("gps-new"));
+    let tmp_link = dir.join("gps.tmp");
+    std::os::unix::fs::symlink(b.pts(), &tmp_link).unwrap();
+    std::fs::rename(&tmp_link, &link).unwrap();
+    agent.wait_for_log(Duration::from_secs(10), "the path now names another device");
+    let mut b = b;
+    let mut more = Vec::new();
+    for i in 30..60i64 {
+        readings.push(("s1".to_string(), T0 + i, (i % 4) as f64));
+        more.extend(format!("{}\n", json!({"id": "s1", "ts": T0 + i, "t": (i % 4) as f64})).into_bytes());
+    }
+    more.extend(format!("{}\n", json!({"id": "s1", "ts": T0 + 1000, "t": 0.0})).into_bytes());
+    b.send(&more);
+    let want = expected(&readings);
+    let got = agent.wait_for(Duration::from_secs(15), "every window", || {
+        let got = windows(&out, "t");
+        if got.len() >= want.len() {
+            Ok(got)
+        } else {
+            Err(format!("{} of {} windows", got.len(), want.len()))
+        }
+    });
+    assert_eq!(got, want);
+    agent.wait_for_log(Duration::from_secs(5), &format!("reading {} again", link.display()));
+    assert_eq!(agent.terminate(STOP_WITHIN).code(), Some(0), "{}", agent.stderr());
+    let c = stop_counters(&agent.stderr(), "moves");
+    assert_eq!(c.get("in.partial_frames"), Some(&1), "the cut first line: {c:?}");
+    assert_eq!(c.get("in.malformed"), None, "{c:?}");
+    assert_eq!(c.get("in.disconnects"), Some(&1), "{c:?}");
+    assert_eq!(c.get("in.items"), Some(&61), "{c:?}");
+    drop(a);
+}
+
+#[test]
+fn a_csv_header_read_once_is_kept_when_the_device_comes_back() {
+    let tmp = TempDir::new().unwrap();
+    let dir = tmp.path();
+    let flows = dir.join("flows");
+    let link = dir.join("meter");
+    let clock = r#"win.EventClock("ts", wait_for_system_duration=timedelta(seconds=60), unit="s")"#;
+    write_file(
+        &flows,
+        "meter.py",
+        &window_flow("meter", &link, r#"decode="csv""#, "", "items", "id", clock, 10, "t"),
+    );
+    let config = write_agent_config(dir, &flows);
+    let mut device = SerialDevice::plug(&link);
+    let mut agent = Agent::start(dir, &config);
+    agent.wait_for_log(Duration::from_secs(15), &format!("reading {}", link.display()));
+    let rows = |from: i64, to: i64| -> (Vec<(String, i64, f64)>, String) {
+        let rs: Vec<(String, i64, f64)> = (from..to)
+            .map(|i| ("m1".to_string(), T0 + i, (i % 5) as f64 + 0.5))
+            .collect();
+        let text = rs.iter().map(|(k, ts, t)| format!("{k},{ts},{t}\n")).collect();
+        (rs, text)
+    };
+    let out = flows.join("meter.jsonl");
+    let mut readings = Vec::new();
+    // First opening: the header, then rows.
+    let (rs, text) = rows(0, 20);
+    device.send(format!("id,ts,t\n{text}").as_bytes());
+    readings.extend(rs);
+    agent.wait_for_log(Duration::from_secs(10), "CSV columns from its first line: id, ts, t");
+    std::thread::sleep(Duration::from_millis(300));
+    device.unplug();
+    agent.wait_for_log(Duration::from_secs(5), "went away");
+    // Back after a reset: the header again (passed over), then rows.
+    device.replug();
+    agent.wait_for_log(Duration::from_secs(10), &format!("reading {} again", link.display()));
+    let (rs, text) = rows(20, 40);
+    device.send(format!("id,ts,t\n{text}").as_bytes());
+    readings.extend(rs);
+    std::thread::sleep(Duration::from_millis(300));
+    device.unplug();
+    // Back without a reset: rows only, read with the header kept.
+    device.replug();
+    let (rs, text) = rows(40, 60);
+    device.send(format!("{text}m1,{},0\n", T0 + 1000).as_bytes());
+    readings.extend(rs);
+    let want = expected(&readings);
+    let got = agent.wait_for(Duration::from_secs(15), "every window", || {
+        let got = windows(&out, "t");
+        if got.len() >= want.len() {
+            Ok(got)
+        } else {
+            Err(format!("{} of {} windows", got.len(), want.len()))
+        }
+    });
+    assert_eq!(got, want);
+    assert_eq!(agent.terminate(STOP_WITHIN).code(), Some(0), "{}", agent.stderr());
+    let log = agent.stderr();
+    let c = stop_counters(&log, "meter");
+    assert_eq!(c.get("in.malformed"), None, "{c:?}\n{log}");
+    assert_eq!(c.get("in.partial_frames"), None, "{c:?}");
+    assert_eq!(c.get("in.items"), Some(&61), "{c:?}");
+    assert_eq!(log.matches("CSV columns from its first line").count(), 1, "{log}");
 }

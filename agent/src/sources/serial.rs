@@ -2,12 +2,15 @@
 //! cut into frames (lines or COBS, `decode.rs`), each frame decoded into
 //! items and sent to the engine after every read.
 //!
-//! The port is opened exclusively (TIOCEXCL and a lock). When it goes away
-//! (end of file, an I/O error, the path gone or naming another device) the
-//! source drops the partial frame at the cut (counted), closes the port and
-//! opens the same path again, backing off up to `MAX_BACKOFF`, until it is
-//! back. The log says "waiting for PATH" once per absence and "reading PATH
-//! again" when it returns. Frames already read were handed to the engine
+//! The port is opened exclusively (TIOCEXCL and an exclusive flock: a later
+//! opener is refused; one that opened it before runnel is not seen). When it
+//! goes away (end of file, an I/O error, the path gone or naming another
+//! device) the source drops the partial frame at the cut (counted), closes
+//! the port and opens the same path again, backing off up to
+//! `MAX_BACKOFF`, until it is back. The log says "waiting for PATH" once per
+//! absence (and again only if the reason changes, say from "does not exist"
+//! to "busy") and "reading PATH again" once bytes come or the port has
+//! stayed open for `STEADY`. Frames already read were handed to the engine
 //! and are never lost; the flow's windows go on closing meanwhile (the
 //! engine's timers do not depend on its sources).
 //!
@@ -17,7 +20,7 @@
 //! the middle of sending: if it does not decode it is counted as a partial
 //! frame (`<step>.partial_frames`), not as malformed.
 
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,26 +39,16 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// While no bytes arrive, how often the path is checked to still name the
 /// open device (a symlink re-created to point elsewhere).
 const CHECK_EVERY: Duration = Duration::from_secs(1);
+/// How long a port must stay open (without bytes) to count as back.
+const STEADY: Duration = Duration::from_secs(2);
 
 pub(super) async fn read(spec: SerialSourceSpec, cx: SourceCtx) {
     let mut src = Serial::new(spec, cx);
-    let mut away: Option<Instant> = None;
-    let mut opened_before = false;
     let mut backoff = MIN_BACKOFF;
-    let mut notices = Notices::default();
     loop {
         match open(&src.spec) {
             Err(why) => {
-                if away.is_none() {
-                    notices.say(false, || {
-                        format!(
-                            "flow {} input {:?}: waiting for {}: {why}; trying again until it is there",
-                            src.cx.flow_id, src.cx.step_id, src.shown
-                        )
-                    });
-                    src.cx.counters.add(&format!("{}.port_absent", src.cx.step_id), 1);
-                    away = Some(Instant::now());
-                }
+                src.absent(why);
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = src.cx.tx.closed() => return,
@@ -63,116 +56,30 @@ pub(super) async fn read(spec: SerialSourceSpec, cx: SourceCtx) {
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
             Ok((port, device)) => {
-                match away.take() {
-                    Some(since) if opened_before => notices.say(true, || {
-                        format!(
-                            "flow {} input {:?}: reading {} again (it was away {:.1} s)",
-                            src.cx.flow_id,
-                            src.cx.step_id,
-                            src.shown,
-                            since.elapsed().as_secs_f64()
-                        )
-                    }),
-                    _ => tracing::info!(
-                        "flow {} input {:?}: reading {} ({})",
-                        src.cx.flow_id,
-                        src.cx.step_id,
-                        src.shown,
-                        src.settings()
-                    ),
-                }
-                opened_before = true;
-                let opened = Instant::now();
-                let frames_before = src.number;
-                let why = src.read_port(port, device).await;
-                drop_partial(&mut src);
-                let Some(why) = why else { return };
-                // A port that opens and fails at once (a flapping cable, a
-                // device in reset) is retried with growing waits too.
-                if src.number > frames_before || opened.elapsed() >= STEADY {
+                let cut = src.read_port(port, device).await;
+                let Some((why, back)) = cut else { return };
+                src.drop_partial();
+                if back {
                     backoff = MIN_BACKOFF;
+                    src.cx.counters.add(&format!("{}.disconnects", src.cx.step_id), 1);
+                    let text = format!(
+                        "flow {} input {:?}: {} went away ({why}); waiting for {} to come back",
+                        src.cx.flow_id, src.cx.step_id, src.shown, src.shown
+                    );
+                    src.notices.say(false, text);
+                    src.away = Some(Away::new(true));
                 } else {
+                    // Opened and lost again before it counted as back (a
+                    // device node that lingers after a hangup, a flapping
+                    // cable): still away; retried with growing waits.
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = src.cx.tx.closed() => return,
                     }
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
-                src.cx.counters.add(&format!("{}.disconnects", src.cx.step_id), 1);
-                notices.say(false, || {
-                    format!(
-                        "flow {} input {:?}: {} went away ({why}); waiting for {} to come back",
-                        src.cx.flow_id, src.cx.step_id, src.shown, src.shown
-                    )
-                });
-                away = Some(Instant::now());
             }
         }
-    }
-}
-
-/// How long a port must stay open to count as back for good.
-const STEADY: Duration = Duration::from_secs(2);
-
-/// The coming and going of a port, logged up to `NOTICES` times a
-/// minute; a device that flaps all night does not fill the SD card.
-#[derive(Default)]
-struct Notices {
-    since: Option<Instant>,
-    said: u32,
-    held_back: u64,
-}
-
-const NOTICES: u32 = 10;
-
-impl Notices {
-    /// `good`: the port is back (logged at info).
-    fn say(&mut self, good: bool, text: impl FnOnce() -> String) {
-        let now = Instant::now();
-        if self
-            .since
-            .is_none_or(|s| now.duration_since(s) >= Duration::from_secs(60))
-        {
-            if self.held_back > 0 {
-                tracing::warn!(
-                    "{} more comings and goings of the port were not logged in the last minute",
-                    self.held_back
-                );
-            }
-            *self = Notices {
-                since: Some(now),
-                said: 0,
-                held_back: 0,
-            };
-        }
-        if self.said < NOTICES {
-            self.said += 1;
-            if good {
-                tracing::info!("{}", text());
-            } else {
-                tracing::warn!("{}", text());
-            }
-        } else {
-            self.held_back += 1;
-        }
-    }
-}
-
-/// A frame cut off when the port closed is dropped and counted.
-fn drop_partial(src: &mut Serial) {
-    let n = src.frames.cut();
-    if n > 0 {
-        let cx = &src.cx;
-        cx.counters.add(&format!("{}.partial_frames", cx.step_id), 1);
-        cx.warnings.warn(
-            &format!("flow {} input {}: partial frames", cx.flow_id, cx.step_id),
-            || {
-                format!(
-                    "flow {} input {:?}: {}: the frame being read when the port closed ({n} bytes so far) was dropped",
-                    cx.flow_id, cx.step_id, src.shown
-                )
-            },
-        );
     }
 }
 
@@ -180,9 +87,16 @@ fn drop_partial(src: &mut Serial) {
 /// the path named then.
 fn open(spec: &SerialSourceSpec) -> Result<(SerialStream, u64), String> {
     let path = spec.port.to_string_lossy();
-    let device = std::fs::metadata(&spec.port)
-        .map_err(|e| describe(&spec.port, &e))?
-        .rdev();
+    let meta = std::fs::metadata(&spec.port).map_err(|e| describe(&spec.port, &e))?;
+    if !meta.file_type().is_char_device() {
+        let what = if meta.is_dir() {
+            "a directory"
+        } else {
+            "a regular file or a pipe"
+        };
+        return Err(format!("{} is not a serial device (it is {what})", spec.port.display()));
+    }
+    let device = meta.rdev();
     let builder = tokio_serial::new(path, spec.baud)
         .data_bits(match spec.data_bits {
             5 => DataBits::Five,
@@ -245,16 +159,45 @@ struct Serial {
     frames: Framer,
     /// The decoder; `None` while a CSV header line is awaited.
     decoder: Option<PayloadDecoder>,
+    /// A CSV source without `columns`: the header read first, kept across
+    /// openings of the port.
+    header: Option<Vec<Arc<str>>>,
     /// Frames read since the source started (items' origin "line").
     number: u64,
     values: Vec<Value>,
     batch: Vec<Item>,
     step: Arc<str>,
+    /// Since when, and why, the port is away (`None`: it is being read).
+    away: Option<Away>,
+    /// Whether the port has been read before (the next reading is "again").
+    read_before: bool,
+    notices: Notices,
 }
 
-/// Why a port was let go: `Some(reason)` it went away, `None` the flow is
-/// stopping.
-type Cut = Option<String>;
+struct Away {
+    since: Instant,
+    /// Why the last open failed (`None`: none has failed yet).
+    reason: Option<String>,
+    /// The absence was logged.
+    said: bool,
+    /// Counted in `<step>.port_absent` (once per absence).
+    counted: bool,
+}
+
+impl Away {
+    fn new(said: bool) -> Away {
+        Away {
+            since: Instant::now(),
+            reason: None,
+            said,
+            counted: false,
+        }
+    }
+}
+
+/// Why a port was let go, and whether it had counted as back; `None`: the
+/// flow is stopping.
+type Cut = Option<(String, bool)>;
 
 impl Serial {
     fn new(spec: SerialSourceSpec, cx: SourceCtx) -> Serial {
@@ -262,10 +205,14 @@ impl Serial {
             shown: spec.port.display().to_string(),
             frames: Framer::new(spec.framing, spec.max_frame),
             decoder: None,
+            header: None,
             number: 0,
             values: Vec::new(),
             batch: Vec::with_capacity(64),
             step: Arc::from(cx.step_id.as_str()),
+            away: Some(Away::new(false)),
+            read_before: false,
+            notices: Notices::default(),
             spec,
             cx,
         }
@@ -285,35 +232,96 @@ impl Serial {
         )
     }
 
+    /// The port could not be opened: said once per absence, and again when
+    /// the reason changes.
+    fn absent(&mut self, why: String) {
+        let away = self.away.get_or_insert_with(|| Away::new(false));
+        if !away.counted {
+            away.counted = true;
+            self.cx.counters.add(&format!("{}.port_absent", self.cx.step_id), 1);
+        }
+        self.notices.tick();
+        let say = match &away.reason {
+            _ if !away.said => true,
+            // Gone after a cut (already said): the first reason is news only
+            // if it changes later.
+            None => false,
+            Some(r) => *r != why,
+        };
+        if say {
+            let text = format!(
+                "flow {} input {:?}: waiting for {}: {why}; trying again until it is there",
+                self.cx.flow_id, self.cx.step_id, self.shown
+            );
+            self.notices.say(false, text);
+        }
+        away.said = true;
+        away.reason = Some(why);
+    }
+
+    /// The port is open and works: say so (once per absence).
+    fn back(&mut self) {
+        let Some(away) = self.away.take() else { return };
+        if self.read_before {
+            let text = format!(
+                "flow {} input {:?}: reading {} again (it was away {:.1} s)",
+                self.cx.flow_id,
+                self.cx.step_id,
+                self.shown,
+                away.since.elapsed().as_secs_f64()
+            );
+            self.notices.say(true, text);
+        } else {
+            tracing::info!(
+                "flow {} input {:?}: reading {} ({})",
+                self.cx.flow_id,
+                self.cx.step_id,
+                self.shown,
+                self.settings()
+            );
+        }
+        self.read_before = true;
+    }
+
     /// A line-framed CSV source without `columns` takes its header from the
-    /// first line after each opening (boards that reset when the port opens
-    /// print it again).
+    /// first line it reads.
     fn header_first(&self) -> bool {
         self.spec.framing == Framing::Lines && matches!(self.spec.format, Format::Csv { columns: None })
     }
 
     /// Read until the port goes away or the flow stops.
     async fn read_port(&mut self, mut port: SerialStream, device: u64) -> Cut {
-        self.decoder = (!self.header_first()).then(|| PayloadDecoder::new(self.spec.format.clone()));
+        let opened = Instant::now();
+        if !self.read_before {
+            self.back();
+        }
+        if self.decoder.is_none() && !self.header_first() {
+            self.decoder = Some(PayloadDecoder::new(self.spec.format.clone()));
+        }
         let mut first = true;
         let mut buf = vec![0u8; 4096];
         loop {
             let n = tokio::select! {
                 r = port.read(&mut buf) => match r {
-                    Ok(0) => return Some("end of file".into()),
+                    Ok(0) => return Some(("end of file".into(), self.away.is_none())),
                     Ok(n) => n,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Some(format!("read error: {e}")),
+                    Err(e) => return Some((format!("read error: {e}"), self.away.is_none())),
                 },
                 _ = self.cx.tx.closed() => return None,
                 _ = tokio::time::sleep(CHECK_EVERY) => {
+                    if opened.elapsed() >= STEADY {
+                        self.back();
+                    }
+                    self.notices.tick();
                     match std::fs::metadata(&self.spec.port) {
                         Ok(m) if m.rdev() == device => continue,
-                        Ok(_) => return Some("the path now names another device".into()),
-                        Err(_) => return Some("the path is gone".into()),
+                        Ok(_) => return Some(("the path now names another device".into(), self.away.is_none())),
+                        Err(_) => return Some(("the path is gone".into(), self.away.is_none())),
                     }
                 }
             };
+            self.back();
             let received = Value::DateTime(chrono::Utc::now().timestamp_micros());
             let mut frames = std::mem::replace(&mut self.frames, Framer::new(Framing::Lines, 0));
             frames.push(&buf[..n], &mut |frame| {
@@ -337,6 +345,24 @@ impl Serial {
         }
     }
 
+    /// A frame cut off when the port closed is dropped and counted.
+    fn drop_partial(&mut self) {
+        let n = self.frames.cut();
+        if n > 0 {
+            let cx = &self.cx;
+            cx.counters.add(&format!("{}.partial_frames", cx.step_id), 1);
+            cx.warnings.warn(
+                &format!("flow {} input {}: partial frames", cx.flow_id, cx.step_id),
+                || {
+                    format!(
+                        "flow {} input {:?}: {}: the frame being read when the port closed ({n} bytes so far) was dropped",
+                        cx.flow_id, cx.step_id, self.shown
+                    )
+                },
+            );
+        }
+    }
+
     /// One frame (or why the framer dropped it): decoded into the batch.
     fn frame(&mut self, frame: crate::decode::Frame<'_>, first: bool, received: &Value) {
         self.number += 1;
@@ -345,16 +371,19 @@ impl Serial {
             Ok(p) => p,
             Err(why) => return self.bad(number, why, first),
         };
-        let Some(decoder) = self.decoder.as_mut() else {
-            match crate::decode::csv_header(payload) {
-                Ok(columns) => {
-                    self.decoder = Some(PayloadDecoder::new(Format::Csv { columns: Some(columns) }));
+        if self.decoder.is_none() {
+            return self.csv_header(payload, number, first);
+        }
+        if first && self.header.is_some() {
+            // A board that resets when the port opens prints its header again.
+            if let Ok(again) = crate::decode::csv_header(payload) {
+                if Some(&again) == self.header.as_ref() {
+                    return;
                 }
-                Err(why) => self.bad(number, why, first),
             }
-            return;
-        };
+        }
         let mut reasons = Vec::new();
+        let decoder = self.decoder.as_mut().expect("checked");
         decoder.decode(payload, &mut self.values, &mut |why| reasons.push(why));
         for why in reasons {
             self.bad(number, why, first);
@@ -377,6 +406,37 @@ impl Serial {
             };
             self.batch.push(Item::new(v, at));
         }
+    }
+
+    /// The first line of a CSV source without `columns`: its header, unless
+    /// it looks like data (a number among its cells: the device's header
+    /// went by before runnel opened the port).
+    fn csv_header(&mut self, line: &[u8], number: u64, first: bool) {
+        let columns = match crate::decode::csv_header(line) {
+            Ok(c) => c,
+            Err(why) => return self.bad(number, why, first),
+        };
+        if columns
+            .iter()
+            .any(|c| matches!(crate::decode::cell(c), Value::Int(_) | Value::Float(_)))
+        {
+            return self.bad(
+                number,
+                "it should be the CSV header, but it holds numbers; waiting for a header line (give columns=[...] if the device never sends one)".into(),
+                false,
+            );
+        }
+        tracing::info!(
+            "flow {} input {:?}: {}: CSV columns from its first line: {}",
+            self.cx.flow_id,
+            self.cx.step_id,
+            self.shown,
+            columns.iter().map(|c| &**c).collect::<Vec<_>>().join(", ")
+        );
+        self.decoder = Some(PayloadDecoder::new(Format::Csv {
+            columns: Some(columns.clone()),
+        }));
+        self.header = Some(columns);
     }
 
     fn bad(&self, number: u64, why: String, first: bool) {
@@ -404,5 +464,57 @@ impl Serial {
                 )
             },
         );
+    }
+}
+
+/// The coming and going of a port, logged up to `NOTICES` times a minute;
+/// a device that flaps all night does not fill the SD card. What was held
+/// back is summed up once the minute is over, with where the port is now.
+#[derive(Default)]
+struct Notices {
+    since: Option<Instant>,
+    said: u32,
+    held_back: u64,
+    /// The last notice held back (logged with the summary).
+    last: Option<String>,
+}
+
+const NOTICES: u32 = 10;
+
+impl Notices {
+    /// `good`: the port is back (logged at info).
+    fn say(&mut self, good: bool, text: String) {
+        self.tick();
+        let now = Instant::now();
+        if self.since.is_none() {
+            self.since = Some(now);
+        }
+        if self.said < NOTICES {
+            self.said += 1;
+            if good {
+                tracing::info!("{text}");
+            } else {
+                tracing::warn!("{text}");
+            }
+        } else {
+            self.held_back += 1;
+            self.last = Some(text);
+        }
+    }
+
+    /// Start a new minute when the last one is over, summing it up.
+    fn tick(&mut self) {
+        let Some(since) = self.since else { return };
+        if since.elapsed() < Duration::from_secs(60) {
+            return;
+        }
+        if self.held_back > 0 {
+            tracing::warn!(
+                "{} more comings and goings of the port were not logged in the last minute; the last: {}",
+                self.held_back,
+                self.last.take().unwrap_or_default()
+            );
+        }
+        *self = Notices::default();
     }
 }

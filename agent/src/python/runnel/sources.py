@@ -233,13 +233,14 @@ def serial(
     it again at the same path; what it read before is kept, and the flow's
     windows go on closing while it is away.
 
-    `framing="lines"`: each line (`\\n` or `\\r\\n`) is a frame. `framing="cobs"`:
-    COBS-encoded frames, each ended by a zero byte, as microcontrollers send
-    binary data. A frame over `max_frame` bytes is skipped.
+    `framing="lines"`: each line (ended by `\\n`, `\\r\\n` or `\\r`) is a frame.
+    `framing="cobs"`: COBS-encoded frames, each ended by a zero byte, as
+    microcontrollers send binary data. A frame over `max_frame` bytes (as
+    sent: COBS adds a byte per 254) is skipped.
 
     `decode` turns each frame into items: `"json"`, `"csv"` (cells typed as
-    in the file source; the first line after the port opens is the header
-    unless `columns=[...]` names the cells), `"kv"` (`id=a1 t=21.5 h=40`),
+    in the file source; the first line read is the header unless
+    `columns=[...]` names the cells; COBS frames need `columns`), `"kv"` (`id=a1 t=21.5 h=40`),
     `"nmea"` (NMEA 0183 GGA and RMC, checksum verified: `lat`, `lon`, `alt`,
     `speed_kn`, `fix`, `utc`, ...; other sentences are passed over), `"cbor"`
     (needs `framing="cobs"`), or `"raw"` (the frame as a `str`). A frame that
@@ -276,6 +277,8 @@ def serial(
         raise ValueError(f"{where}: `max_frame` must be an int between 16 and 1048576 (bytes); got {max_frame!r}")
     if decode not in _SERIAL_DECODES:
         raise ValueError(f"{where}: `decode` must be one of {', '.join(_SERIAL_DECODES)}; got {decode!r}")
+    if decode == "csv" and framing == "cobs" and columns is None:
+        raise ValueError(f"{where}: decode=\"csv\" with framing=\"cobs\" needs columns=[...]")
     if decode == "cbor" and framing != "cobs":
         raise ValueError(f"{where}: decode=\"cbor\" needs framing=\"cobs\" (CBOR is binary: a newline byte can be part of it)")
     if columns is not None:
