@@ -132,9 +132,12 @@ impl PayloadDecoder {
                 for line in lines {
                     rows += 1;
                     let wrong = |n: usize| format!("{n} cells, but the header has {}", header.len());
-                    // Without quotes a row is its commas' cells (as the csv
-                    // reader would split it, without its allocations).
-                    if !line.contains('"') {
+                    // Without quotes (or a carriage return, which ends a
+                    // record for the csv reader) a row is its commas' cells,
+                    // as the csv reader would split it, without its
+                    // allocations; it also drops a byte order mark.
+                    let line = line.strip_prefix('\u{feff}').unwrap_or(line);
+                    if !line.contains(['"', '\r']) {
                         plain.clear();
                         plain.extend(line.split(','));
                         match plain.len() == header.len() {
@@ -574,7 +577,13 @@ mod tests {
         assert_eq!(show(&out), r#"{"a": 1, "b": "two, quoted"}"#);
         assert!(bad.is_empty());
         // Rows with and without quotes give the same cells as the csv reader.
-        for line in ["x,,-3, y ,2.50", "\"x\",,-3,\" y \",2.50", ",,,,", "a,b c,d;e,f\t,g"] {
+        for line in [
+            "x,,-3, y ,2.50",
+            "\"x\",,-3,\" y \",2.50",
+            ",,,,",
+            "a,b c,d;e,f\t,g",
+            "\u{feff}1,2,3,4,5",
+        ] {
             let cols: Vec<Arc<str>> = (0..5).map(|i| Arc::from(format!("c{i}").as_str())).collect();
             let (fast, bad) = run(
                 Format::Csv {

@@ -2,7 +2,7 @@
 //! these tests say why they skip and pass. See `src/lib.rs` for the
 //! variables and README's "On real hardware" for the wiring.
 
-use runnel_hardware_tests::{from_env, loopback, unplug};
+use runnel_hardware_tests::{ask_person, from_env, loopback, unplug};
 
 #[test]
 fn readings_through_a_real_serial_line_arrive_in_their_windows_at_line_rate() {
@@ -39,5 +39,5 @@ fn an_adapter_pulled_out_and_put_back_loses_nothing_read_before() {
     if std::env::var("RUNNEL_HW_UNPLUG").as_deref() != Ok("1") {
         return eprintln!("skipped: set RUNNEL_HW_UNPLUG=1 to be asked to unplug and replug the adapter");
     }
-    unplug(&setup, setup.bauds[0]);
+    unplug(&setup, setup.bauds[0], &mut ask_person);
 }

@@ -71,7 +71,9 @@ pub(super) async fn read(spec: SerialSourceSpec, cx: SourceCtx) {
                 } else {
                     // Opened and lost again before it counted as back (a
                     // device node that lingers after a hangup, a flapping
-                    // cable): still away; retried with growing waits.
+                    // cable): still away; retried with growing waits, and
+                    // said if it is a new reason.
+                    src.absent(format!("it opened, then {why}"));
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = src.cx.tx.closed() => return,
@@ -162,6 +164,10 @@ struct Serial {
     /// A CSV source without `columns`: the header read first, kept across
     /// openings of the port.
     header: Option<Vec<Arc<str>>>,
+    /// A line that looks like a header, taken once the next line has as
+    /// many cells: (its cells, frame number, whether it came first after an
+    /// opening).
+    candidate: Option<(Vec<Arc<str>>, u64, bool)>,
     /// Frames read since the source started (items' origin "line").
     number: u64,
     values: Vec<Value>,
@@ -206,6 +212,7 @@ impl Serial {
             frames: Framer::new(spec.framing, spec.max_frame),
             decoder: None,
             header: None,
+            candidate: None,
             number: 0,
             values: Vec::new(),
             batch: Vec::with_capacity(64),
@@ -322,6 +329,7 @@ impl Serial {
                 }
             };
             self.back();
+            self.notices.tick();
             let received = Value::DateTime(chrono::Utc::now().timestamp_micros());
             let mut frames = std::mem::replace(&mut self.frames, Framer::new(Framing::Lines, 0));
             frames.push(&buf[..n], &mut |frame| {
@@ -371,16 +379,8 @@ impl Serial {
             Ok(p) => p,
             Err(why) => return self.bad(number, why, first),
         };
-        if self.decoder.is_none() {
-            return self.csv_header(payload, number, first);
-        }
-        if first && self.header.is_some() {
-            // A board that resets when the port opens prints its header again.
-            if let Ok(again) = crate::decode::csv_header(payload) {
-                if Some(&again) == self.header.as_ref() {
-                    return;
-                }
-            }
+        if self.header_first() && !self.csv_line(payload, number, first) {
+            return;
         }
         let mut reasons = Vec::new();
         let decoder = self.decoder.as_mut().expect("checked");
@@ -408,35 +408,66 @@ impl Serial {
         }
     }
 
-    /// The first line of a CSV source without `columns`: its header, unless
-    /// it looks like data (a number among its cells: the device's header
-    /// went by before runnel opened the port).
-    fn csv_header(&mut self, line: &[u8], number: u64, first: bool) {
-        let columns = match crate::decode::csv_header(line) {
+    /// A line of a CSV source without `columns`. The header comes first:
+    /// a line of two or more cells, none of them a number, taken once the
+    /// next line has as many cells (the first line read may be the cut tail
+    /// of a row, or a boot message). It is kept for as long as the flow
+    /// runs; the device printing it again (after a reset) is passed over
+    /// and counted (`<step>.repeated_headers`). Returns whether `line` is a
+    /// row to decode.
+    fn csv_line(&mut self, line: &[u8], number: u64, first: bool) -> bool {
+        let cells = match crate::decode::csv_header(line) {
             Ok(c) => c,
-            Err(why) => return self.bad(number, why, first),
+            Err(why) => {
+                self.bad(number, why, first);
+                return false;
+            }
         };
-        if columns
-            .iter()
-            .any(|c| matches!(crate::decode::cell(c), Value::Int(_) | Value::Float(_)))
-        {
-            return self.bad(
-                number,
-                "it should be the CSV header, but it holds numbers; waiting for a header line (give columns=[...] if the device never sends one)".into(),
-                false,
+        if self.header.as_ref() == Some(&cells) {
+            self.cx.counters.add(&format!("{}.repeated_headers", self.step), 1);
+            return false;
+        }
+        if self.header.is_some() {
+            return true;
+        }
+        if let Some((columns, at, was_first)) = self.candidate.take() {
+            if cells.len() == columns.len() {
+                tracing::info!(
+                    "flow {} input {:?}: {}: CSV columns from line {at}: {}",
+                    self.cx.flow_id,
+                    self.cx.step_id,
+                    self.shown,
+                    columns.iter().map(|c| &**c).collect::<Vec<_>>().join(", ")
+                );
+                self.decoder = Some(PayloadDecoder::new(Format::Csv {
+                    columns: Some(columns.clone()),
+                }));
+                self.header = Some(columns);
+                return true;
+            }
+            self.bad(
+                at,
+                format!(
+                    "taken for the CSV header, but the next line has {} cells, not {}",
+                    cells.len(),
+                    columns.len()
+                ),
+                was_first,
             );
         }
-        tracing::info!(
-            "flow {} input {:?}: {}: CSV columns from its first line: {}",
-            self.cx.flow_id,
-            self.cx.step_id,
-            self.shown,
-            columns.iter().map(|c| &**c).collect::<Vec<_>>().join(", ")
-        );
-        self.decoder = Some(PayloadDecoder::new(Format::Csv {
-            columns: Some(columns.clone()),
-        }));
-        self.header = Some(columns);
+        let numbers = cells
+            .iter()
+            .any(|c| matches!(crate::decode::cell(c), Value::Int(_) | Value::Float(_)));
+        if cells.len() >= 2 && !numbers {
+            self.candidate = Some((cells, number, first));
+        } else {
+            self.bad(
+                number,
+                "a row before any CSV header line (a header has two or more cells and no numbers; give columns=[...] if the device never sends one)".into(),
+                first,
+            );
+        }
+        false
     }
 
     fn bad(&self, number: u64, why: String, first: bool) {
