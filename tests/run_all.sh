@@ -12,14 +12,20 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
-# Debian packages the tests use (checked, installed only when missing).
-DEB_PACKAGES=(python3-venv mosquitto mosquitto-clients openssl socat)
+# Debian packages the tests use (checked, installed only when missing), and
+# those cross/build needs for the aarch64 binary and the .deb (cross/packages;
+# the arm64 ones need dpkg's arm64 architecture): one apt-get update for all.
+DEB_PACKAGES=(python3-venv mosquitto mosquitto-clients openssl socat systemd util-linux procps)
+mapfile -t CROSS_PACKAGES < <(grep -v '^#' cross/packages | sed '/^\s*$/d')
 missing=()
-for pkg in "${DEB_PACKAGES[@]}"; do
+for pkg in "${DEB_PACKAGES[@]}" "${CROSS_PACKAGES[@]}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then
     echo "run_all: installing ${missing[*]}"
+    if ! dpkg --print-foreign-architectures | grep -qx arm64; then
+        $SUDO dpkg --add-architecture arm64
+    fi
     $SUDO apt-get update
     $SUDO apt-get install -y --no-install-recommends "${missing[@]}"
 fi
@@ -35,8 +41,18 @@ if ! "$VENV/bin/python" -c 'import bytewax, paho.mqtt.client, importlib.metadata
 fi
 export RUNNEL_BYTEWAX_PYTHON="$PWD/$VENV/bin/python"
 
+# Flows are code: runnel refuses flow files (and folders) that group or
+# others may write, so a checkout made with umask 002 is tightened first.
+chmod -R go-w flows tests/flows
+
 cargo build --release -p runnel
 export RUNNEL_BIN="$PWD/target/release/runnel"
+
+# The Raspberry Pi build: the aarch64 binary and the .deb, which the package
+# tests (tests/tests/pi.rs) check under qemu; here they may not skip.
+cross/build
+mapfile -t CROSS_OUT < <(cross/build --print-paths)
+export RUNNEL_AARCH64_BIN="${CROSS_OUT[0]}" RUNNEL_DEB="${CROSS_OUT[1]}" RUNNEL_REQUIRE_CROSS=1
 
 cargo test --workspace
 

@@ -1,37 +1,38 @@
 //! `runnel run`: the agent. Opens the state file, loads every flow file in
-//! the flows folder, registers their MQTT subscriptions, connects the
-//! brokers, and runs each flow live with its own sinks until SIGTERM/SIGINT;
-//! then it stops the flows, says `offline` to the brokers and exits 0. A
-//! flow file that fails to load (or names a broker that is not usable) is
-//! logged and skipped; the others run.
+//! the flows folder (`flows.rs`), registers their MQTT subscriptions,
+//! connects the brokers, and runs each flow live with its own sinks until
+//! SIGTERM/SIGINT; then it stops the flows, says `offline` to the brokers
+//! and exits 0. A flow file that fails to load (or names a broker that is
+//! not usable) is logged and skipped; the others run. The flows folder is
+//! watched (and SIGHUP rescans it): new, changed and removed files are
+//! loaded, reloaded and stopped while the rest run on. Under systemd it
+//! says when it is ready, how it is doing, and pings the watchdog while
+//! healthy (`systemd.rs`).
 
 use std::process::ExitCode;
-
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::watch;
 
-use std::collections::HashMap;
-use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
-
 use crate::config::Config;
-use crate::engine::Durable;
-use crate::engine::{run_flow, FlowOptions, OutputMode};
-use crate::flow::{self, FlowPlan, SinkSpec, SourceSpec, StepKind};
-use crate::metrics::Counters;
+use crate::flows::{Env, FlowFigures, Flows, STOP_GRACE};
 use crate::mqtt::Hub;
 use crate::python::PyRunner;
 use crate::sinks::SinkEnv;
-use crate::sources::{MqttInput, SourceConfig};
 use crate::store::{outbox::Full, OutboxPolicy, Store};
+use std::collections::HashMap;
 
-/// How long flows get to stop after SIGTERM before they are abandoned.
-const STOP_GRACE: Duration = Duration::from_secs(3);
 /// After a signal, the process exits by this time whatever still runs, so
 /// that systemd's stop never hangs.
 const HARD_STOP: Duration = Duration::from_millis(4800);
+/// Quiet time after a change in the flows folder before it is rescanned
+/// (an editor's save is several events).
+const SETTLE: Duration = Duration::from_millis(300);
+/// How long READY waits for every broker's first connection attempt.
+const BROKERS_TRIED: Duration = Duration::from_secs(3);
 
 pub(crate) fn run(config: Config) -> anyhow::Result<ExitCode> {
     tracing::info!(
@@ -41,6 +42,10 @@ pub(crate) fn run(config: Config) -> anyhow::Result<ExitCode> {
         config.flows_dir.display(),
         config.state_dir.display()
     );
+    for o in &config.overrides {
+        tracing::info!("config: {o}");
+    }
+    let mut notifier = crate::systemd::Notifier::from_env();
     std::fs::create_dir_all(&config.state_dir).with_context(|| {
         format!(
             "cannot create state_dir {} (set state_dir in the config file)",
@@ -93,9 +98,7 @@ pub(crate) fn run(config: Config) -> anyhow::Result<ExitCode> {
         stopped_at: Default::default(),
     });
     let py = PyRunner::start()?.with_step_timeout(Duration::from_secs_f64(config.python_step_timeout));
-    let load_timeout = Duration::from_secs_f64(config.flow_load_timeout);
     let rt = crate::cli::runtime()?;
-    let (stop_tx, stop_rx) = watch::channel(false);
     let (conn_stop_tx, conn_stop_rx) = watch::channel(false);
     // Listen before flows load: SIGTERM/SIGINT stop the agent in every
     // phase (loading, running, stopping). A second later the Python job
@@ -104,6 +107,9 @@ pub(crate) fn run(config: Config) -> anyhow::Result<ExitCode> {
     let mut term = rt
         .block_on(async { tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) })
         .context("cannot install the SIGTERM handler")?;
+    let mut hup = rt
+        .block_on(async { tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) })
+        .context("cannot install the SIGHUP handler")?;
     let (signal_tx, signal_rx) = watch::channel(false);
     {
         let py = py.clone();
@@ -145,90 +151,65 @@ pub(crate) fn run(config: Config) -> anyhow::Result<ExitCode> {
     }
     let stop_requested = || *signal_rx.borrow();
 
-    let mut files: Vec<_> = match std::fs::read_dir(&config.flows_dir) {
-        Ok(rd) => rd
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|e| e == "py"))
-            // `_helpers.py`: a module flows import, not a flow.
-            .filter(|p| {
-                !p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with('_'))
-            })
-            .collect(),
-        Err(e) => {
-            tracing::error!(
-                "cannot read flows_dir {}: {e}; running with no flows",
-                config.flows_dir.display()
-            );
-            Vec::new()
+    // Changes in the flows folder: inotify (through `notify`), and SIGHUP.
+    // `true`: SIGHUP (retry files refused for reasons outside them).
+    let (changed_tx, mut changed_rx) = tokio::sync::mpsc::unbounded_channel::<bool>();
+    let _watcher = watch_flows(&config.flows_dir, changed_tx.clone());
+    rt.spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: rescanning {}", "the flows folder");
+            let _ = changed_tx.send(true);
         }
-    };
-    files.sort();
-    let mut running: Vec<(String, String)> = Vec::new();
-    let mut status: Vec<FlowFigures> = Vec::new();
-    let mut handles = Vec::new();
-    for path in files {
-        if stop_requested() {
-            tracing::info!("stopping: the remaining flow files are not loaded");
-            break;
-        }
-        let file = match flow::load(&py, &path, load_timeout) {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::error!("flow file skipped: {e}");
-                continue;
-            }
-        };
-        for plan in file.flows {
-            if let Some((_, other)) = running.iter().find(|(id, _)| *id == plan.flow_id) {
-                tracing::error!(
-                    "flow {:?} in {} skipped: {} already runs a flow with that id; give each Dataflow its own id",
-                    plan.flow_id,
-                    path.display(),
-                    other
-                );
-                continue;
-            }
-            let inputs = match connect_flow(&mut hub, &plan, Duration::from_secs_f64(config.snapshot_interval)) {
-                Ok(inputs) => inputs,
-                Err(e) => {
-                    tracing::error!("flow {:?} in {} skipped: {e}", plan.flow_id, path.display());
-                    continue;
-                }
-            };
-            running.push((plan.flow_id.clone(), path.display().to_string()));
-            tracing::info!("starting flow {:?} from {}", plan.flow_id, path.display());
-            let counters = Counters::default();
-            status.push(FlowFigures::new(&plan, counters.clone()));
-            let opts = FlowOptions {
-                live: true,
-                inputs,
-                output: OutputMode::Sinks,
-                stop: Some(stop_rx.clone()),
-                sink_env: Some(sink_env.clone()),
-                counters,
-                durable: Some(Durable {
-                    store: store.clone(),
-                    interval: Duration::from_secs_f64(config.snapshot_interval),
-                    gap: Duration::from_secs_f64(config.commit_gap),
-                }),
-            };
-            handles.push(run_flow(plan, opts, py.clone(), rt.handle().clone())?);
-        }
-    }
-    if handles.is_empty() {
+    });
+
+    let mut flows = Flows::new(Env {
+        flows_dir: config.flows_dir.clone(),
+        store: store.clone(),
+        py: py.clone(),
+        rt: rt.handle().clone(),
+        sink_env,
+        load_timeout: Duration::from_secs_f64(config.flow_load_timeout),
+        snapshot_interval: Duration::from_secs_f64(config.snapshot_interval),
+        commit_gap: Duration::from_secs_f64(config.commit_gap),
+        stop_limit: Duration::from_secs_f64(config.python_step_timeout) + Duration::from_secs(10),
+    });
+    flows.sync(&mut hub, &stop_requested, false);
+    if flows.running().next().is_none() {
         tracing::warn!(
-            "no flows are running; add *.py flow files to {} and restart",
+            "no flows are running; add *.py flow files to {} (they are picked up while running)",
             config.flows_dir.display()
         );
     }
 
-    let conns = hub.start(&store, rt.handle(), conn_stop_rx);
+    hub.start(&store, rt.handle(), conn_stop_rx);
+    // READY once every broker had its first try (connected or not: a
+    // device in a field comes up whether or not the network does).
+    let tried_by = std::time::Instant::now() + BROKERS_TRIED;
+    while !hub.all_tried() && std::time::Instant::now() < tried_by && !stop_requested() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // An engine may sit in one Python job up to python_step_timeout; past
+    // that (and the interrupt's grace) it is wedged.
+    let wedged_after = Duration::from_secs_f64(config.python_step_timeout) + Duration::from_secs(15);
+    let health = |flows: &Flows, hub: &Hub, py: &PyRunner, store: &Store| -> (bool, String) {
+        health_line(flows, hub, py, store, wedged_after)
+    };
+    let (_, line) = health(&flows, &hub, &py, &store);
+    notifier.ready(&line);
+    if let Some(w) = notifier.watchdog() {
+        if w <= wedged_after {
+            tracing::warn!(
+                "WatchdogSec ({:.0}s) is not longer than python_step_timeout + 15s ({:.0}s): a long Python job will look wedged to systemd",
+                w.as_secs_f64(),
+                wedged_after.as_secs_f64()
+            );
+        }
+    }
+
     let mut signal_wait = signal_rx.clone();
     let started = std::time::Instant::now();
     let healthy = rt.block_on(async {
-        let mut health = tokio::time::interval(Duration::from_secs(1));
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
         let every = Duration::from_secs(config.status_interval.max(1));
         let mut status_tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         let mut log_tick = tokio::time::interval_at(tokio::time::Instant::now() + STATS_LOG_EVERY, STATS_LOG_EVERY);
@@ -239,11 +220,15 @@ pub(crate) fn run(config: Config) -> anyhow::Result<ExitCode> {
             tokio::select! {
                 _ = signal_wait.changed() => {}
                 _ = status_tick.tick(), if config.status_interval > 0 => {
-                    let text = stats_json(config.device_id(), started, &status, &hub, &store, py.healthy());
+                    let figures: Vec<&FlowFigures> = flows.running().map(|r| &r.figures).collect();
+                    let text = stats_json(config.device_id(), started, &figures, &hub, &store, py.healthy());
                     hub.publish_stats(text.as_bytes());
                 }
-                _ = log_tick.tick() => tracing::info!("{}", stats_line(&status, &hub, &store)),
-                _ = health.tick() => {
+                _ = log_tick.tick() => {
+                    let figures: Vec<&FlowFigures> = flows.running().map(|r| &r.figures).collect();
+                    tracing::info!("{}", stats_line(&figures, &hub, &store));
+                }
+                _ = tick.tick() => {
                     if let Some(why) = store.failure() {
                         tracing::error!(
                             "the state file {} can no longer be written ({why}); is state_dir full or the SD card failing? check `df -h {}`; exiting so that systemd restarts runnel",
@@ -252,42 +237,50 @@ pub(crate) fn run(config: Config) -> anyhow::Result<ExitCode> {
                         );
                         return false;
                     }
+                    let (ok, line) = health(&flows, &hub, &py, &store);
+                    notifier.status(&line);
+                    if ok {
+                        notifier.ping();
+                    }
+                    // An old version that was slow to stop: its file loads once it has.
+                    if flows.waiting() {
+                        flows.sync(&mut hub, &|| *signal_wait.borrow(), false);
+                    }
+                }
+                Some(first) = changed_rx.recv() => {
+                    // Let the burst of events of one save settle (but not for ever).
+                    let mut force = first;
+                    let until = tokio::time::Instant::now() + 8 * SETTLE;
+                    loop {
+                        tokio::select! {
+                            Some(f) = changed_rx.recv() => force |= f,
+                            _ = tokio::time::sleep(SETTLE) => break,
+                            _ = tokio::time::sleep_until(until) => break,
+                            _ = signal_wait.changed() => break,
+                        }
+                    }
+                    if *signal_wait.borrow() {
+                        continue;
+                    }
+                    // A reload can take a while (a load, old versions stopping).
+                    if health(&flows, &hub, &py, &store).0 {
+                        notifier.ping();
+                    }
+                    flows.sync(&mut hub, &|| *signal_wait.borrow(), force);
                 }
             }
         }
         true
     });
+    notifier.stopping();
     stopping.store(true, std::sync::atomic::Ordering::Relaxed);
     py.stop_all();
     // Messages taken from now on may never be processed: let the brokers keep them.
     hub.stop_acks();
-    let _ = stop_tx.send(true);
-    let n = handles.len();
-    let (done_tx, done_rx) = std::sync::mpsc::channel();
-    for h in handles {
-        let tx = done_tx.clone();
-        std::thread::spawn(move || {
-            if let Ok(report) = h.join() {
-                let _ = tx.send(report);
-            }
-        });
-    }
-    drop(done_tx);
-    let deadline = std::time::Instant::now() + STOP_GRACE;
-    let mut stopped = 0;
-    while stopped < n {
-        match done_rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
-            Ok(report) => {
-                crate::cli::summarize(&report);
-                stopped += 1;
-            }
-            Err(_) => break,
-        }
-    }
-    if stopped < n {
+    let left = flows.stop_all(std::time::Instant::now() + STOP_GRACE);
+    if left > 0 {
         py.note_abandoned(format!(
-            "{} flow(s) that did not stop within {}s{}",
-            n - stopped,
+            "{left} flow(s) that did not stop within {}s{}",
             STOP_GRACE.as_secs(),
             py.current_job()
                 .map(|j| format!(" ({j} is still running)"))
@@ -296,6 +289,7 @@ pub(crate) fn run(config: Config) -> anyhow::Result<ExitCode> {
     }
     // The outbox is durable: whatever is not delivered now goes next start.
     let _ = conn_stop_tx.send(true);
+    let conns = hub.take_tasks();
     rt.block_on(async {
         let _ = tokio::time::timeout(Duration::from_millis(1000), async {
             for c in conns {
@@ -329,105 +323,98 @@ pub(crate) fn run(config: Config) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Watch the flows folder for changes (inotify); each event nudges `tx`.
+/// Without a watch (the folder is missing, inotify is out of watches) the
+/// agent still rescans on SIGHUP.
+fn watch_flows(
+    dir: &std::path::Path,
+    tx: tokio::sync::mpsc::UnboundedSender<bool>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    // Only flow files (and the folder itself: its mode) matter: outputs a
+    // flow writes next to its file must not keep the folder "busy".
+    let folder = dir.to_path_buf();
+    let mut watcher = match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        use notify::event::{AccessKind, AccessMode};
+        let relevant = event.is_ok_and(|e| {
+            // Reads are nothing; a file closed after writing ends a save.
+            !matches!(e.kind, notify::EventKind::Access(a) if a != AccessKind::Close(AccessMode::Write))
+                && e.paths
+                    .iter()
+                    .any(|p| p.extension().is_some_and(|x| x == "py") || *p == folder)
+        });
+        if relevant {
+            let _ = tx.send(false);
+        }
+    }) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(
+                "cannot watch the flows folder ({e}); send SIGHUP (systemctl reload runnel) after changing flows"
+            );
+            return None;
+        }
+    };
+    if let Err(e) = watcher.watch(dir, notify::RecursiveMode::NonRecursive) {
+        tracing::warn!(
+            "cannot watch {} ({e}); send SIGHUP (systemctl reload runnel) after changing flows",
+            dir.display()
+        );
+        return None;
+    }
+    Some(watcher)
+}
+
+/// Whether the agent is healthy (for the watchdog), and one line saying
+/// how it is doing (systemd's STATUS=).
+fn health_line(flows: &Flows, hub: &Hub, py: &PyRunner, store: &Store, wedged_after: Duration) -> (bool, String) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut problems = Vec::new();
+    if let Some((flow, quiet)) = flows.wedged(wedged_after) {
+        problems.push(format!("flow {flow} has made no progress for {}s", quiet.as_secs()));
+    }
+    if !py.healthy() {
+        problems.push("the Python thread is stuck in code it cannot interrupt".to_string());
+    }
+    if let Some(why) = store.failure() {
+        problems.push(format!("the state file cannot be written ({why})"));
+    }
+    let n = flows.running().count();
+    let items: u64 = flows.running().map(|r| r.figures.figures().0).sum();
+    let brokers: Vec<String> = hub
+        .stats()
+        .into_iter()
+        .filter(|(_, b)| b.started.load(Relaxed))
+        .map(|(name, b)| {
+            format!(
+                "{name} {}",
+                if b.connected.load(Relaxed) {
+                    "connected"
+                } else {
+                    "disconnected"
+                }
+            )
+        })
+        .collect();
+    let mut line = format!("{n} flow(s), {items} item(s) in");
+    if !brokers.is_empty() {
+        line.push_str(&format!("; brokers: {}", brokers.join(", ")));
+    }
+    if problems.is_empty() {
+        (true, line)
+    } else {
+        (false, format!("UNHEALTHY: {}; {line}", problems.join("; ")))
+    }
+}
+
 /// How often the figures go to the log (at info).
 const STATS_LOG_EVERY: Duration = Duration::from_secs(60);
-
-/// Register a flow's MQTT inputs and outputs with the hub; every broker it
-/// names must be usable, or the flow does not start.
-fn connect_flow(hub: &mut Hub, plan: &FlowPlan, hold_for: Duration) -> Result<HashMap<String, SourceConfig>, String> {
-    for s in &plan.steps {
-        let broker = match &s.kind {
-            StepKind::Input(SourceSpec::Mqtt(m)) => &m.broker,
-            StepKind::Output(SinkSpec::Mqtt(m)) => &m.broker,
-            _ => continue,
-        };
-        hub.check(broker)
-            .map_err(|e| format!("step {:?} ({}): {e}", s.step_id, s.location))?;
-        if let StepKind::Input(SourceSpec::Mqtt(m)) = &s.kind {
-            if m.after_commit && !hub.persistent(broker) {
-                return Err(format!(
-                    "step {:?} ({}): ack=\"after-commit\" needs persistent_session = true in [brokers.{broker}] (without it the broker forgets unacknowledged messages when the connection drops)",
-                    s.step_id, s.location
-                ));
-            }
-        }
-    }
-    let mut inputs = HashMap::new();
-    for s in &plan.steps {
-        match &s.kind {
-            StepKind::Input(SourceSpec::Mqtt(m)) => {
-                let inbox = hub.subscribe(&m.broker, m.filters.clone(), m.qos)?;
-                inputs.insert(
-                    s.step_id.clone(),
-                    SourceConfig::Mqtt(MqttInput {
-                        spec: m.clone(),
-                        inbox: Arc::new(Mutex::new(Some(inbox))),
-                        restored: None,
-                        hold_for,
-                    }),
-                );
-            }
-            StepKind::Output(SinkSpec::Mqtt(m)) => hub.publish_on(&m.broker)?,
-            _ => {}
-        }
-    }
-    Ok(inputs)
-}
-
-/// A running flow's figures for the status: which counters are its input
-/// and output steps.
-struct FlowFigures {
-    flow_id: String,
-    inputs: Vec<String>,
-    outputs: Vec<String>,
-    counters: Counters,
-}
-
-impl FlowFigures {
-    fn new(plan: &FlowPlan, counters: Counters) -> FlowFigures {
-        let ids = |want_input: bool| {
-            plan.steps
-                .iter()
-                .filter(|s| {
-                    if want_input {
-                        matches!(s.kind, StepKind::Input(_))
-                    } else {
-                        matches!(s.kind, StepKind::Output(_))
-                    }
-                })
-                .map(|s| s.step_id.clone())
-                .collect()
-        };
-        FlowFigures {
-            flow_id: plan.flow_id.clone(),
-            inputs: ids(true),
-            outputs: ids(false),
-            counters,
-        }
-    }
-
-    /// (messages in, items out, decode errors)
-    fn figures(&self) -> (u64, u64, u64) {
-        let c = self.counters.snapshot();
-        let sum = |steps: &[String], what: &str| -> u64 {
-            steps
-                .iter()
-                .map(|s| c.get(&format!("{s}.{what}")).copied().unwrap_or(0))
-                .sum()
-        };
-        (
-            sum(&self.inputs, "items"),
-            sum(&self.outputs, "items"),
-            sum(&self.inputs, "malformed"),
-        )
-    }
-}
 
 /// The stats message: one JSON object.
 fn stats_json(
     device_id: &str,
     started: std::time::Instant,
-    flows: &[FlowFigures],
+    flows: &[&FlowFigures],
     hub: &Hub,
     store: &Store,
     python_ok: bool,
@@ -485,7 +472,7 @@ fn stats_json(
 }
 
 /// The same figures as one log line.
-fn stats_line(flows: &[FlowFigures], hub: &Hub, store: &Store) -> String {
+fn stats_line(flows: &[&FlowFigures], hub: &Hub, store: &Store) -> String {
     use std::sync::atomic::Ordering::Relaxed;
     let mut parts = vec![format!("{} flow(s)", flows.len())];
     for f in flows {

@@ -92,11 +92,24 @@ fn check_level(level: &str) -> Result<(), String> {
 
 fn init_logging(level: &str) {
     let filter =
-        tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        || tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Under systemd with stderr going to the journal: straight to journald,
+    // with its fields (PRIORITY from the level, CODE_FILE, CODE_LINE,
+    // TARGET, SYSLOG_IDENTIFIER=runnel), so `journalctl -u runnel -p warning`
+    // works. Otherwise text on stderr.
+    if crate::systemd::stderr_is_journal() {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        if let Ok(journal) = tracing_journald::layer() {
+            let journal = journal.with_syslog_identifier("runnel".into());
+            let _ = tracing_subscriber::registry().with(filter()).with(journal).try_init();
+            return;
+        }
+    }
     // Colours only on a terminal: journald and log files get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(filter())
         .with_writer(std::io::stderr)
         .with_target(false)
         .with_ansi(ansi)
@@ -209,6 +222,11 @@ fn check(path: &Path, t: Timeouts) -> anyhow::Result<ExitCode> {
                     eprintln!("warning: {warning}");
                 }
             }
+            // What `runnel run` would refuse (flows are code).
+            if let Err(e) = crate::perms::check_flow_file(path, crate::perms::Owners::Service) {
+                eprintln!("error: runnel run would refuse this file: {e}");
+                return Ok(ExitCode::from(1));
+            }
             println!("ok: {}", path.display());
             Ok(ExitCode::SUCCESS)
         }
@@ -314,6 +332,7 @@ fn replay(path: &Path, inputs: &[String], keep_sinks: bool, t: Timeouts) -> anyh
             stop: None,
             sink_env: None,
             durable: None,
+            heartbeat: None,
             counters: Default::default(),
         };
         handles.push(run_flow(plan, opts, py.clone(), rt.handle().clone())?);

@@ -48,6 +48,45 @@ pub(crate) struct Config {
     /// MQTT brokers by name (`[brokers.NAME]`).
     #[serde(default)]
     pub brokers: BTreeMap<String, BrokerConfig>,
+    /// `RUNNEL_<KEY>` environment variables that overrode the file, as
+    /// `KEY from RUNNEL_KEY` (logged at start).
+    #[serde(skip)]
+    pub overrides: Vec<String>,
+}
+
+/// The top-level keys `RUNNEL_<KEY>` can set, and whether each is text.
+pub(crate) const ENV_KEYS: [(&str, bool); 9] = [
+    ("device_id", true),
+    ("state_dir", true),
+    ("flows_dir", true),
+    ("log_level", true),
+    ("status_interval", false),
+    ("flow_load_timeout", false),
+    ("python_step_timeout", false),
+    ("snapshot_interval", false),
+    ("commit_gap", false),
+];
+
+/// Apply `RUNNEL_<KEY>` variables (read by `var`) to the file's table.
+/// Returns what was overridden.
+fn apply_env(table: &mut toml::Table, var: impl Fn(&str) -> Option<String>) -> anyhow::Result<Vec<String>> {
+    let mut applied = Vec::new();
+    for (key, text) in ENV_KEYS {
+        let name = format!("RUNNEL_{}", key.to_ascii_uppercase());
+        let Some(raw) = var(&name) else { continue };
+        let value = if text {
+            toml::Value::String(raw)
+        } else {
+            let parsed: Result<toml::Table, _> = toml::from_str(&format!("v = {}", raw.trim()));
+            match parsed.ok().and_then(|mut t| t.remove("v")) {
+                Some(v @ (toml::Value::Integer(_) | toml::Value::Float(_))) => v,
+                _ => anyhow::bail!("environment variable {name}={raw:?}: {key} must be a number"),
+            }
+        };
+        table.insert(key.to_string(), value);
+        applied.push(format!("{key} from {name}"));
+    }
+    Ok(applied)
 }
 
 /// `[brokers.NAME]`: one MQTT connection, shared by every flow that names it.
@@ -171,8 +210,24 @@ impl Config {
     pub(crate) fn load(path: &Path) -> anyhow::Result<Config> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
-        let mut config: Config =
-            toml::from_str(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?;
+        Config::from_text(path, &text, |name| std::env::var(name).ok())
+    }
+
+    /// The config in `text` (read from `path`), with `RUNNEL_<KEY>`
+    /// variables from `var` applied over its top-level keys.
+    pub(crate) fn from_text(path: &Path, text: &str, var: impl Fn(&str) -> Option<String>) -> anyhow::Result<Config> {
+        let mut table: toml::Table =
+            toml::from_str(text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?;
+        let overrides = apply_env(&mut table, var)?;
+        let mut config: Config = Config::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let from_env = if overrides.is_empty() {
+                String::new()
+            } else {
+                format!(" (with {})", overrides.join(", "))
+            };
+            anyhow::anyhow!("config file {}{from_env}: {e}", path.display())
+        })?;
+        config.overrides = overrides;
         // Relative folders are relative to the config file.
         let base = path.parent().unwrap_or(Path::new("."));
         for dir in [&mut config.state_dir, &mut config.flows_dir] {
@@ -279,6 +334,134 @@ mod tests {
         assert_eq!(c.flows_dir, dir.join("flows"));
         assert_eq!(c.state_dir, PathBuf::from("/var/lib/runnel"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn runnel_variables_override_the_top_level_keys() {
+        let path = Path::new("/etc/runnel/runnel.toml");
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
+        };
+        let c = Config::from_text(
+            path,
+            "log_level = \"warn\"\ncommit_gap = 0.5\n[brokers.up]\nhost = \"h\"\n",
+            env(&[
+                ("RUNNEL_LOG_LEVEL", "debug"),
+                ("RUNNEL_COMMIT_GAP", "0"),
+                ("RUNNEL_STATUS_INTERVAL", "15"),
+                ("RUNNEL_FLOWS_DIR", "/srv/flows"),
+                ("RUNNEL_SNAPSHOT_INTERVAL", "2.5"),
+                ("RUNNEL_HOST", "ignored: not a top-level key"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.log_level, "debug");
+        assert_eq!((c.commit_gap, c.status_interval, c.snapshot_interval), (0.0, 15, 2.5));
+        assert_eq!(c.flows_dir, PathBuf::from("/srv/flows"));
+        assert_eq!(c.brokers["up"].host, "h");
+        assert_eq!(c.overrides.len(), 5, "{:?}", c.overrides);
+        assert!(c.overrides.contains(&"commit_gap from RUNNEL_COMMIT_GAP".to_string()));
+        for (pairs, needle) in [
+            (
+                &[("RUNNEL_COMMIT_GAP", "soon")][..],
+                "RUNNEL_COMMIT_GAP=\"soon\": commit_gap must be a number",
+            ),
+            (
+                &[("RUNNEL_COMMIT_GAP", "90")][..],
+                "commit_gap must be between 0 and 60",
+            ),
+            (
+                &[("RUNNEL_STATUS_INTERVAL", "1.5")][..],
+                "with status_interval from RUNNEL_STATUS_INTERVAL",
+            ),
+        ] {
+            let pairs: &'static [(&'static str, &'static str)] = Box::leak(pairs.to_vec().into_boxed_slice());
+            let err = format!("{:#}", Config::from_text(path, "", env(pairs)).unwrap_err());
+            assert!(err.contains(needle), "{pairs:?}: {err}");
+        }
+    }
+
+    /// The commented example the package installs as /etc/runnel/runnel.toml
+    /// names every key, and its values are the defaults.
+    #[test]
+    fn the_shipped_example_config_names_every_key_with_its_default() {
+        let example = include_str!("../../cross/debian/runnel.toml");
+        // Uncommented, the example's `#key = value` lines are a valid config.
+        let lines: Vec<&str> = example
+            .lines()
+            .filter_map(|l| l.strip_prefix('#'))
+            .filter(|l| {
+                let l = l.trim_start();
+                l.starts_with('[') || l.split_once(" = ").is_some_and(|(k, _)| !k.contains(' '))
+            })
+            .collect();
+        let text = lines.join("\n");
+        let c = Config::from_text(Path::new("/etc/runnel/runnel.toml"), &text, |_| None).unwrap();
+        let d = Config::from_text(Path::new("/etc/runnel/runnel.toml"), "[brokers.upstream]\n", |_| None).unwrap();
+        assert_eq!(
+            (&c.flows_dir, &c.state_dir, &c.log_level, c.status_interval),
+            (&d.flows_dir, &d.state_dir, &d.log_level, d.status_interval)
+        );
+        assert_eq!(
+            (
+                c.flow_load_timeout,
+                c.python_step_timeout,
+                c.snapshot_interval,
+                c.commit_gap
+            ),
+            (
+                d.flow_load_timeout,
+                d.python_step_timeout,
+                d.snapshot_interval,
+                d.commit_gap
+            )
+        );
+        let (b, db) = (&c.brokers["upstream"], &d.brokers["upstream"]);
+        assert_eq!(
+            (
+                &b.host,
+                b.keepalive,
+                b.persistent_session,
+                &b.protocol,
+                b.max_outbox_bytes
+            ),
+            (
+                &db.host,
+                db.keepalive,
+                db.persistent_session,
+                &db.protocol,
+                db.max_outbox_bytes
+            )
+        );
+        assert_eq!(
+            (&b.outbox_full, b.status, b.max_inflight, b.reconnect_max),
+            (&db.outbox_full, db.status, db.max_inflight, db.reconnect_max)
+        );
+        // Every field of the three structs appears: a key added later must be
+        // documented there too.
+        let keys: Vec<&str> = lines
+            .iter()
+            .filter_map(|l| l.trim_start().split_once(" = ").map(|(k, _)| k))
+            .collect();
+        let source = include_str!("config.rs");
+        let mut fields = Vec::new();
+        for name in ["Config", "BrokerConfig", "TlsConfig"] {
+            let start = source
+                .find(&format!("pub(crate) struct {name} {{"))
+                .expect("the struct");
+            let body = &source[start..start + source[start..].find("\n}").expect("its end")];
+            for line in body.lines() {
+                if let Some(f) = line.trim().strip_prefix("pub ").and_then(|r| r.split_once(':')) {
+                    if !["brokers", "tls", "overrides"].contains(&f.0) {
+                        fields.push(f.0);
+                    }
+                }
+            }
+        }
+        assert!(fields.len() > 20, "{fields:?}");
+        for key in fields {
+            assert!(keys.contains(&key), "the example config lacks {key}");
+        }
     }
 
     #[test]

@@ -38,6 +38,22 @@ pub(crate) enum LoadError {
 /// Everything one flow file defines.
 pub(crate) struct FlowFile {
     pub flows: Vec<FlowPlan>,
+    /// The file's module (`_runnel_flow_<stem>`), not yet in `sys.modules`
+    /// when loaded with `load_staged`.
+    module: Option<(String, Arc<Py<pyo3::types::PyModule>>)>,
+}
+
+impl FlowFile {
+    /// Put the file's module into `sys.modules` (where pickle finds the
+    /// classes a flow defines), in place of an older version's.
+    pub(crate) fn activate(&self, py: &PyRunner) -> anyhow::Result<()> {
+        let Some((name, module)) = &self.module else {
+            return Ok(());
+        };
+        let (name, module) = (name.clone(), module.clone());
+        py.run(move |py| -> PyResult<()> { py.import("sys")?.getattr("modules")?.set_item(name, module.bind(py)) })?
+            .map_err(|e| anyhow::anyhow!("{e}"))
+    }
 }
 
 /// One `Dataflow`, ready to run.
@@ -404,6 +420,16 @@ fn fmt_micros(us: Micros) -> String {
 /// top level still running after `timeout` is interrupted; the error then
 /// shows where it was (the traceback of the interrupted frame).
 pub(crate) fn load(py: &PyRunner, path: &Path, timeout: std::time::Duration) -> Result<FlowFile, LoadError> {
+    let file = load_staged(py, path, timeout)?;
+    file.activate(py)
+        .map_err(|e| LoadError::Invalid(format!("{}: {e}", path.display())))?;
+    Ok(file)
+}
+
+/// `load`, leaving `sys.modules` as it was: a running older version of the
+/// file keeps its module (its state pickles with its own classes) until the
+/// new one is `activate`d, and a version that fails to load never replaces it.
+pub(crate) fn load_staged(py: &PyRunner, path: &Path, timeout: std::time::Duration) -> Result<FlowFile, LoadError> {
     let source = std::fs::read_to_string(path).map_err(|e| LoadError::Read {
         path: path.display().to_string(),
         source: e,
@@ -442,10 +468,6 @@ fn load_on_python_thread(py: Python<'_>, path: &Path, source: &str) -> Result<Fl
     }
 
     let builtins = py.import("builtins").map_err(fail)?;
-    let code = builtins
-        .getattr("compile")
-        .and_then(|c| c.call1((source, &file, "exec")))
-        .map_err(fail)?;
     // A module of its own in sys.modules, so that instances of classes the
     // flow file defines can be pickled into the state file (and unpickled).
     let stem: String = Path::new(&file)
@@ -457,14 +479,45 @@ fn load_on_python_thread(py: Python<'_>, path: &Path, source: &str) -> Result<Fl
                 .collect()
         })
         .unwrap_or_default();
-    let module = pyo3::types::PyModule::new(py, &format!("_runnel_flow_{stem}")).map_err(fail)?;
-    py.import("sys")
-        .and_then(|s| s.getattr("modules"))
-        .and_then(|m| m.set_item(module.name()?, &module))
+    let name = format!("_runnel_flow_{stem}");
+    let module = pyo3::types::PyModule::new(py, &name).map_err(fail)?;
+    // In sys.modules while its top level runs (as an imported module is),
+    // then the previous entry is put back until `activate`.
+    let modules = py.import("sys").and_then(|s| s.getattr("modules")).map_err(fail)?;
+    let previous = modules.get_item(&name).ok();
+    modules.set_item(&name, &module).map_err(fail)?;
+    let result = run_module(&file, dir, source, &module, &builtins, &created, &fail);
+    let restored = match previous {
+        Some(p) => modules.set_item(&name, p),
+        None => modules.del_item(&name),
+    };
+    restored.map_err(fail)?;
+    let plans = result?;
+    Ok(FlowFile {
+        flows: plans,
+        module: Some((name, Arc::new(module.unbind()))),
+    })
+}
+
+/// Run a flow file's code in `module` and read the flow it defines.
+#[allow(clippy::too_many_arguments)]
+fn run_module(
+    file: &str,
+    dir: &Path,
+    source: &str,
+    module: &Bound<'_, pyo3::types::PyModule>,
+    builtins: &Bound<'_, PyModule>,
+    created: &Bound<'_, PyAny>,
+    fail: &dyn Fn(PyErr) -> LoadError,
+) -> Result<Vec<FlowPlan>, LoadError> {
+    let fail = |e: PyErr| fail(e);
+    let code = builtins
+        .getattr("compile")
+        .and_then(|c| c.call1((source, file, "exec")))
         .map_err(fail)?;
     let globals = module.dict();
-    globals.set_item("__file__", &file).map_err(fail)?;
-    globals.set_item("__builtins__", &builtins).map_err(fail)?;
+    globals.set_item("__file__", file).map_err(fail)?;
+    globals.set_item("__builtins__", builtins).map_err(fail)?;
     builtins
         .getattr("exec")
         .and_then(|e| e.call1((code, &globals)))
@@ -507,13 +560,13 @@ fn load_on_python_thread(py: Python<'_>, path: &Path, source: &str) -> Result<Fl
     }
     let mut plans: Vec<FlowPlan> = Vec::new();
     for flow in flows {
-        let plan = read_flow(&flow, &file, dir).map_err(|e| match e {
+        let plan = read_flow(&flow, file, dir).map_err(|e| match e {
             ReadErr::Py(err) => fail(err),
             ReadErr::Msg(m) => LoadError::Invalid(m),
         })?;
         plans.push(plan);
     }
-    Ok(FlowFile { flows: plans })
+    Ok(plans)
 }
 
 enum ReadErr {

@@ -7,13 +7,16 @@ mod config;
 mod decode;
 mod engine;
 mod flow;
+mod flows;
 mod json;
 mod metrics;
 mod mqtt;
+mod perms;
 mod python;
 mod sinks;
 mod sources;
 mod store;
+mod systemd;
 mod time;
 mod value;
 

@@ -305,9 +305,18 @@ impl Agent {
     /// `start`, with stderr in `dir/log_name` (a restarted agent keeps the
     /// first one's log).
     pub fn start_logging_to(dir: &Path, config: &Path, log_name: &str) -> Agent {
+        Agent::start_with_env(dir, config, log_name, &[])
+    }
+
+    /// `start_logging_to` with environment variables set.
+    pub fn start_with_env(dir: &Path, config: &Path, log_name: &str, env: &[(&str, &str)]) -> Agent {
         let stderr_path = dir.join(log_name);
         let stderr = fs::File::create(&stderr_path).unwrap_or_else(|e| panic!("{}: {e}", stderr_path.display()));
-        let child = runnel_command(dir)
+        let mut cmd = runnel_command(dir);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd
             .arg("run")
             .arg("--config")
             .arg(config)

@@ -42,6 +42,19 @@ pub(crate) struct FlowOptions {
     pub counters: Counters,
     /// Keep the flow's state in the store (`runnel run`).
     pub durable: Option<Durable>,
+    /// Set to the time (`heartbeat_now`) each time the engine loop comes
+    /// round (at least every `BEAT`, idle or not), and to `u64::MAX` when
+    /// the flow has ended: the agent's watchdog tells a wedged engine by it.
+    pub heartbeat: Option<Arc<std::sync::atomic::AtomicU64>>,
+}
+
+/// How often an idle engine loop still comes round to show it is alive.
+pub(crate) const BEAT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Milliseconds on a monotonic clock, for heartbeats.
+pub(crate) fn heartbeat_now() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
 /// Where and how often a flow checkpoints.
@@ -679,6 +692,7 @@ fn engine_main(plan: FlowPlan, mut opts: FlowOptions, py: PyRunner, rt: tokio::r
         live: opts.live,
         durable: durable.is_some(),
         struck_while_stopping: Default::default(),
+        heartbeat: opts.heartbeat.clone(),
         clock: std::cell::Cell::new(super::snapshot::EngineClock::new(0)),
         graveyard: Default::default(),
     };
@@ -744,9 +758,17 @@ fn engine_main(plan: FlowPlan, mut opts: FlowOptions, py: PyRunner, rt: tokio::r
         Tick,
         Committed,
         Stop,
+        Beat,
     }
     let wake = engine.cp.wake.clone();
+    let heartbeat = opts.heartbeat.clone();
+    let beat = |at: u64| {
+        if let Some(h) = &heartbeat {
+            h.store(at, std::sync::atomic::Ordering::Relaxed);
+        }
+    };
     loop {
+        beat(heartbeat_now());
         let deadline = if opts.live { engine.deadline() } else { None };
         let in_flight = !engine.cp.in_flight.is_empty();
         let next = waiter.block_on(async {
@@ -775,12 +797,20 @@ fn engine_main(plan: FlowPlan, mut opts: FlowOptions, py: PyRunner, rt: tokio::r
                     std::future::pending().await
                 }
             };
+            let beat = async {
+                if heartbeat.is_some() {
+                    tokio::time::sleep(BEAT).await
+                } else {
+                    std::future::pending().await
+                }
+            };
             tokio::select! {
                 biased;
                 _ = stopping => Next::Stop,
                 m = rx.recv() => Next::Msg(m),
                 _ = committed => Next::Committed,
                 _ = sleep => Next::Tick,
+                _ = beat => Next::Beat,
             }
         });
         match next {
@@ -831,9 +861,25 @@ fn engine_main(plan: FlowPlan, mut opts: FlowOptions, py: PyRunner, rt: tokio::r
                 engine.cp.changed(Instant::now());
                 engine.tick(Instant::now());
             }
-            Next::Committed => {}
+            Next::Committed | Next::Beat => {}
             Next::Stop => {
                 stopped_early = true;
+                // Batches already queued were taken from their sources (MQTT
+                // messages acknowledged): they go in before the last
+                // checkpoint, or a reload would lose them.
+                let until = Instant::now() + std::time::Duration::from_secs(1);
+                while Instant::now() < until {
+                    let Ok(SourceMsg::Batch(input, items, mark)) = rx.try_recv() else {
+                        break;
+                    };
+                    match mark {
+                        Mark::None => {}
+                        Mark::File(p) => engine.cp.marks[input] = Some(p),
+                        Mark::Mqtt(h) => engine.cp.held.push(h),
+                    }
+                    engine.cp.changed(Instant::now());
+                    engine.push(input_nodes[input], 0, items);
+                }
                 engine.flush();
                 // A job interrupted while stopping left its batch half done:
                 // the state stays at the last checkpoint, and the next start
@@ -846,6 +892,7 @@ fn engine_main(plan: FlowPlan, mut opts: FlowOptions, py: PyRunner, rt: tokio::r
         engine.maybe_checkpoint(Instant::now());
     }
     drop(rx);
+    beat(u64::MAX);
     warnings.flush();
     FlowReport {
         flow_id: flow_id.to_string(),

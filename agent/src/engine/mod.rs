@@ -23,7 +23,7 @@ use crate::python::PyRunner;
 use crate::value::{Item, Origin};
 
 pub(crate) use fingerprint::unpicklable_accumulators;
-pub(crate) use graph::{run_flow, Durable, FlowOptions, FlowReport, OutputMode};
+pub(crate) use graph::{heartbeat_now, run_flow, Durable, FlowOptions, FlowReport, OutputMode};
 
 /// What one step hands on: a batch per output port.
 pub(crate) struct Out {
@@ -122,6 +122,9 @@ impl std::ops::AddAssign for Restored {
 /// What every operator of a flow may use.
 pub(crate) struct Cx {
     pub py: PyRunner,
+    /// The flow's heartbeat (`run`): long waits that are not a wedge (an
+    /// MQTT sink waiting for outbox room) beat it too.
+    pub heartbeat: Option<Arc<std::sync::atomic::AtomicU64>>,
     pub flow_id: Arc<str>,
     /// The flow file as given; tracebacks are matched against it.
     pub file: Arc<str>,

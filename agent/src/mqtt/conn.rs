@@ -57,7 +57,10 @@ enum Tag {
 pub(crate) struct Conn {
     pub name: Arc<str>,
     pub opts: LinkOptions,
-    pub routes: Vec<Route>,
+    /// The sources' routes; flows loaded later add theirs (and `nudge` the
+    /// connection to subscribe), a stopped flow's route is dropped.
+    pub routes: Arc<std::sync::Mutex<Vec<Route>>>,
+    pub nudge: mpsc::UnboundedReceiver<()>,
     pub store: Option<Store>,
     pub stats: Arc<BrokerStats>,
     pub status_topic: Option<String>,
@@ -126,6 +129,8 @@ impl Conn {
         // Acks the request queue had no room for yet.
         let mut unsent_acks: VecDeque<u16> = VecDeque::new();
         let warnings = crate::metrics::Warnings::default();
+        // Filters subscribed on this connection.
+        let mut subscribed: std::collections::HashSet<String> = Default::default();
 
         loop {
             if *stop.borrow() {
@@ -150,6 +155,18 @@ impl Conn {
                             }
                             send_acks(&client, &mut unsent_acks);
                         }
+                        Some(()) = self.nudge.recv() => {
+                            // A flow loaded while running: subscribe what is new.
+                            if connected_at.is_some() {
+                                for (filter, qos) in self.filters() {
+                                    if subscribed.insert(filter.clone()) {
+                                        if let Err(e) = client.subscribe(&filter, qos) {
+                                            tracing::error!("{where_}: cannot subscribe to {filter}: {e}");
+                                        }
+                                    }
+                                }
+                            }
+                        }
                         Some((topic, payload)) = self.stats_rx.recv() => {
                             if connected_at.is_some() && client.publish(&topic, 0, false, payload).is_ok() {
                                 sent.push_back((Tag::Status, 0));
@@ -173,6 +190,7 @@ impl Conn {
             }
             match result {
                 Ok(Ev::ConnAck { session_present }) => {
+                    self.stats.attempted.store(true, Ordering::Relaxed);
                     generation += 1;
                     connected_at = Some(Instant::now());
                     self.stats.connected.store(true, Ordering::Relaxed);
@@ -186,7 +204,9 @@ impl Conn {
                         if session_present { " (session resumed)" } else { "" },
                         if was.is_some() { " again" } else { "" }
                     );
+                    subscribed.clear();
                     for (filter, qos) in self.filters() {
+                        subscribed.insert(filter.clone());
                         if let Err(e) = client.subscribe(&filter, qos) {
                             tracing::error!("{where_}: cannot subscribe to {filter}: {e}");
                         }
@@ -254,6 +274,7 @@ impl Conn {
                 }
                 Ok(_) => {}
                 Err(problem) => {
+                    self.stats.attempted.store(true, Ordering::Relaxed);
                     events.forget_pending();
                     // Resend from the oldest entry not acknowledged.
                     let oldest = sent
@@ -371,7 +392,7 @@ impl Conn {
     /// Distinct filters of every route, each at the highest QoS asked.
     fn filters(&self) -> Vec<(String, u8)> {
         let mut out: Vec<(String, u8)> = Vec::new();
-        for r in &self.routes {
+        for r in self.routes.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             for f in &r.filters {
                 match out.iter_mut().find(|(s, _)| *s == f.subscribe) {
                     Some(slot) => slot.1 = slot.1.max(r.qos),
@@ -396,7 +417,11 @@ impl Conn {
         });
         let topic: Arc<str> = Arc::from(topic);
         let mut routed = false;
-        for r in &self.routes {
+        let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        // A removed flow's source is gone for good (a reloaded one hands its
+        // inbox on, which stays open).
+        routes.retain(|r| !r.tx.is_closed());
+        for r in routes.iter() {
             if !r.filters.iter().any(|f| f.matches(&topic)) {
                 continue;
             }

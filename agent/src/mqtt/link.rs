@@ -361,22 +361,9 @@ pub(crate) fn options(name: &str, b: &BrokerConfig, device_id: &str) -> Result<L
 /// A secret file must not be readable by others (it would be on a shared
 /// or stolen SD card image as well).
 fn read_secret(path: &std::path::Path) -> Result<String, String> {
-    private_file(path)?;
+    crate::perms::check_secret(path)?;
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     Ok(text.trim_end_matches(['\n', '\r']).to_string())
-}
-
-fn private_file(path: &std::path::Path) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    if meta.permissions().mode() & 0o004 != 0 {
-        return Err(format!(
-            "{} is readable by every user; run: chmod o-rwx {}",
-            path.display(),
-            path.display()
-        ));
-    }
-    Ok(())
 }
 
 fn tls_config(t: &crate::config::TlsConfig) -> Result<rustls::ClientConfig, String> {
@@ -419,7 +406,7 @@ fn tls_config(t: &crate::config::TlsConfig) -> Result<rustls::ClientConfig, Stri
     match (&t.cert, &t.key) {
         (Some(cert), Some(key)) => {
             let certs = read_certs(cert)?;
-            private_file(key)?;
+            crate::perms::check_secret(key)?;
             let f = std::fs::File::open(key).map_err(|e| format!("cannot read {}: {e}", key.display()))?;
             let k: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut std::io::BufReader::new(f))
                 .map_err(|e| format!("{}: not a PEM private key ({e})", key.display()))?

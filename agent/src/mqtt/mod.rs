@@ -120,12 +120,18 @@ pub(crate) struct Inbox {
     pub stats: Arc<BrokerStats>,
     /// The broker's `max_inflight`.
     pub max_inflight: u16,
+    /// Messages a stopped source took but did not hand to its flow: the
+    /// next source of a reloaded flow takes them first.
+    pub pending: Vec<Delivery>,
 }
 
 /// Figures of one connection, for status and logs.
 #[derive(Default)]
 pub(crate) struct BrokerStats {
     pub connected: AtomicBool,
+    /// The connection was started, and has had its first attempt.
+    pub started: AtomicBool,
+    pub attempted: AtomicBool,
     pub reconnects: AtomicU64,
     pub received: AtomicU64,
     pub unrouted: AtomicU64,
@@ -145,7 +151,11 @@ struct Broker {
     /// Written in the config (not the implicit `default`).
     explicit: bool,
     opts: Result<link::LinkOptions, String>,
-    routes: Vec<Route>,
+    routes: Arc<std::sync::Mutex<Vec<Route>>>,
+    /// Tells the running connection that routes were added.
+    nudge: mpsc::UnboundedSender<()>,
+    nudge_rx: Option<mpsc::UnboundedReceiver<()>>,
+    started: bool,
     stats: Arc<BrokerStats>,
     stats_tx: mpsc::UnboundedSender<(String, Vec<u8>)>,
     stats_rx: Option<mpsc::UnboundedReceiver<(String, Vec<u8>)>>,
@@ -162,6 +172,9 @@ pub(crate) struct Hub {
     /// Cleared when the agent stops: messages taken after that may never
     /// be processed, so they are not acknowledged (the broker keeps them).
     acks: Arc<AtomicBool>,
+    /// Once started: what a broker first used by a flow loaded later starts with.
+    live: Option<(Store, tokio::runtime::Handle, watch::Receiver<bool>)>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// The broker a flow gets when it names `default` and the config has no
@@ -179,13 +192,17 @@ impl Hub {
             .iter()
             .map(|(name, b)| {
                 let (stats_tx, stats_rx) = mpsc::unbounded_channel();
+                let (nudge, nudge_rx) = mpsc::unbounded_channel();
                 let opts = link::options(name, b, device_id);
                 (
                     name.clone(),
                     Broker {
                         explicit: explicit.contains(name),
                         opts,
-                        routes: Vec::new(),
+                        routes: Default::default(),
+                        nudge,
+                        nudge_rx: Some(nudge_rx),
+                        started: false,
                         stats: Arc::default(),
                         stats_tx,
                         stats_rx: Some(stats_rx),
@@ -200,6 +217,8 @@ impl Hub {
             device_id: device_id.to_string(),
             brokers,
             acks: Arc::new(AtomicBool::new(true)),
+            live: None,
+            tasks: Vec::new(),
         }
     }
 
@@ -228,69 +247,96 @@ impl Hub {
         let b = self.brokers.get_mut(name).expect("checked");
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicUsize::new(0));
-        b.routes.push(Route {
+        b.routes.lock().unwrap_or_else(|p| p.into_inner()).push(Route {
             filters,
             qos,
             tx,
             queued: queued.clone(),
         });
+        let _ = b.nudge.send(());
         let max_inflight = b.opts.as_ref().map(|o| o.max_inflight).unwrap_or(20);
-        Ok(Inbox {
+        let inbox = Inbox {
             rx,
             queued,
             stats: b.stats.clone(),
             max_inflight,
-        })
+            pending: Vec::new(),
+        };
+        self.start_later(name);
+        Ok(inbox)
     }
 
     /// A sink will publish on broker `name` (through the outbox).
     pub(crate) fn publish_on(&mut self, name: &str) -> Result<(), String> {
         self.check(name)?;
         self.brokers.get_mut(name).expect("checked").outbox = true;
+        self.start_later(name);
         Ok(())
+    }
+
+    /// After `start`: connect broker `name` if no flow used it before.
+    fn start_later(&mut self, name: &str) {
+        if let Some((store, rt, stop)) = self.live.clone() {
+            self.start_one(name, &store, &rt, stop);
+        }
     }
 
     /// Connect every broker some flow uses (and every configured one with
     /// `status` on, so the fleet sees the device). Returns the stats handles.
-    pub(crate) fn start(
-        &mut self,
-        store: &Store,
-        rt: &tokio::runtime::Handle,
-        stop: watch::Receiver<bool>,
-    ) -> Vec<tokio::task::JoinHandle<()>> {
-        let mut tasks = Vec::new();
-        for (name, b) in self.brokers.iter_mut() {
-            let used = !b.routes.is_empty() || b.outbox;
-            // A configured broker with status on connects even when unused,
-            // so the fleet sees the device (and an old outbox drains).
-            if !(used || (b.explicit && b.status)) {
-                continue;
-            }
-            let opts = match &b.opts {
-                Ok(o) => o.clone(),
-                Err(e) => {
-                    tracing::error!("broker {name} not started: {e}");
-                    continue;
-                }
-            };
-            let (acks_tx, acks_rx) = mpsc::unbounded_channel();
-            let conn = conn::Conn {
-                name: Arc::from(name.as_str()),
-                opts,
-                routes: std::mem::take(&mut b.routes),
-                // The outbox of a broker no sink uses any more still drains.
-                store: Some(store.clone()),
-                stats: b.stats.clone(),
-                status_topic: b.status.then(|| status_topic(&self.device_id)),
-                stats_rx: b.stats_rx.take().expect("started once"),
-                acks_tx,
-                acks_rx,
-                acks_enabled: self.acks.clone(),
-                reconnect_max: b.reconnect_max,
-            };
-            tasks.push(rt.spawn(conn.run(stop.clone())));
+    pub(crate) fn start(&mut self, store: &Store, rt: &tokio::runtime::Handle, stop: watch::Receiver<bool>) {
+        self.live = Some((store.clone(), rt.clone(), stop.clone()));
+        let names: Vec<String> = self.brokers.keys().cloned().collect();
+        for name in names {
+            self.start_one(&name, store, rt, stop.clone());
         }
-        tasks
+    }
+
+    /// The connection tasks started (to wait for at the end).
+    pub(crate) fn take_tasks(&mut self) -> Vec<tokio::task::JoinHandle<()>> {
+        std::mem::take(&mut self.tasks)
+    }
+
+    fn start_one(&mut self, name: &str, store: &Store, rt: &tokio::runtime::Handle, stop: watch::Receiver<bool>) {
+        let Some(b) = self.brokers.get_mut(name) else { return };
+        let used = !b.routes.lock().unwrap_or_else(|p| p.into_inner()).is_empty() || b.outbox;
+        // A configured broker with status on connects even when unused,
+        // so the fleet sees the device (and an old outbox drains).
+        if b.started || !(used || (b.explicit && b.status)) {
+            return;
+        }
+        let opts = match &b.opts {
+            Ok(o) => o.clone(),
+            Err(e) => {
+                tracing::error!("broker {name} not started: {e}");
+                return;
+            }
+        };
+        b.started = true;
+        b.stats.started.store(true, Ordering::Relaxed);
+        let (acks_tx, acks_rx) = mpsc::unbounded_channel();
+        let conn = conn::Conn {
+            name: Arc::from(name),
+            opts,
+            routes: b.routes.clone(),
+            nudge: b.nudge_rx.take().expect("started once"),
+            // The outbox of a broker no sink uses any more still drains.
+            store: Some(store.clone()),
+            stats: b.stats.clone(),
+            status_topic: b.status.then(|| status_topic(&self.device_id)),
+            stats_rx: b.stats_rx.take().expect("started once"),
+            acks_tx,
+            acks_rx,
+            acks_enabled: self.acks.clone(),
+            reconnect_max: b.reconnect_max,
+        };
+        self.tasks.push(rt.spawn(conn.run(stop)));
+    }
+
+    /// Whether every started broker has had its first connection attempt.
+    pub(crate) fn all_tried(&self) -> bool {
+        self.brokers
+            .values()
+            .all(|b| !b.started || b.stats.attempted.load(Ordering::Relaxed))
     }
 
     /// Stop acknowledging messages (the flows are about to stop).

@@ -241,6 +241,10 @@ impl MqttSink {
         let bytes: u64 = self.pending.iter().map(|e| e.charge_in(&self.broker)).sum();
         let env = self.env.clone();
         let give_up = || {
+            // Waiting for room is not a wedge (the broker may be away for hours).
+            if let Some(h) = &cx.heartbeat {
+                h.store(crate::engine::heartbeat_now(), Ordering::Relaxed);
+            }
             if !env.stopping.load(Ordering::Relaxed) {
                 return false;
             }

@@ -57,10 +57,11 @@ pub(super) fn read(path: PathBuf, decode: Decode, start: Option<FilePos>, cx: So
                             cx.step_id
                         );
                     } else {
-                        read_jsonl(BufReader::with_capacity(256 * 1024, f), &shown, start, &cx);
+                        let input = Input::new(f, regular, &cx);
+                        read_jsonl(BufReader::with_capacity(256 * 1024, input), &shown, start, &cx);
                     }
                 }
-                Decode::Csv => read_csv(f, &shown, start, &cx),
+                Decode::Csv => read_csv(f, regular, &shown, start, &cx),
             }
         }
         Err(e) => {
@@ -73,6 +74,55 @@ pub(super) fn read(path: PathBuf, decode: Decode, start: Option<FilePos>, cx: So
         }
     }
     let _ = cx.tx.blocking_send(SourceMsg::Eof(cx.input));
+}
+
+/// What a file source reads. A named pipe is read only once `poll` says it
+/// has bytes, checking meanwhile that the flow still runs: a flow stopped
+/// for a reload must not leave a reader blocked in `read` that would take
+/// (and lose) what is written for the new version.
+struct Input {
+    f: File,
+    fifo: bool,
+    tx: tokio::sync::mpsc::Sender<SourceMsg>,
+}
+
+impl Input {
+    fn new(f: File, regular: bool, cx: &SourceCtx) -> Input {
+        Input {
+            f,
+            fifo: !regular,
+            tx: cx.tx.clone(),
+        }
+    }
+}
+
+impl std::io::Read for Input {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        if !self.fifo {
+            return self.f.read(buf);
+        }
+        loop {
+            let mut fds = libc::pollfd {
+                fd: self.f.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for a descriptor this struct owns.
+            let n = unsafe { libc::poll(&mut fds, 1, 200) };
+            // Stopped meanwhile: the bytes are for the next version.
+            if self.tx.is_closed() {
+                return Ok(0);
+            }
+            if n > 0 {
+                break;
+            }
+            if n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        self.f.read(buf)
+    }
 }
 
 /// Go to `start` (a named pipe cannot seek, and never resumes).
@@ -120,7 +170,7 @@ fn send(cx: &SourceCtx, batch: &mut Vec<Item>, pos: FilePos) -> bool {
         .is_ok()
 }
 
-fn read_jsonl(mut reader: BufReader<File>, file: &str, start: FilePos, cx: &SourceCtx) {
+fn read_jsonl(mut reader: BufReader<Input>, file: &str, start: FilePos, cx: &SourceCtx) {
     let mut decoder = Decoder::default();
     let mut buf = Vec::with_capacity(4096);
     let mut batch = Vec::with_capacity(BATCH);
@@ -177,7 +227,7 @@ pub(crate) const MAX_RECORD: usize = 1 << 20;
 /// Read one line into `buf` (without keeping more than `MAX_RECORD` bytes).
 /// `None` at end of input; `Some(true)` if the line was too long (its bytes
 /// are consumed and dropped).
-fn read_record(reader: &mut BufReader<File>, buf: &mut Vec<u8>, offset: &mut u64) -> std::io::Result<Option<bool>> {
+fn read_record(reader: &mut BufReader<Input>, buf: &mut Vec<u8>, offset: &mut u64) -> std::io::Result<Option<bool>> {
     // Room for the record and its line ending ("\r\n").
     const KEEP: usize = MAX_RECORD + 2;
     let mut too_long = false;
@@ -223,7 +273,7 @@ fn read_record(reader: &mut BufReader<File>, buf: &mut Vec<u8>, offset: &mut u64
 /// Reads for the CSV parser, handing over the rows parsed so far whenever
 /// the next read may have to wait (a FIFO, a growing file).
 struct HandOver<'a> {
-    inner: BufReader<File>,
+    inner: BufReader<Input>,
     cx: &'a SourceCtx,
     pending: std::rc::Rc<std::cell::RefCell<Vec<Item>>>,
     closed: std::rc::Rc<std::cell::Cell<bool>>,
@@ -260,7 +310,7 @@ fn csv_header(f: &File) -> Option<Vec<Arc<str>>> {
     }
 }
 
-fn read_csv(mut f: File, file: &str, start: FilePos, cx: &SourceCtx) {
+fn read_csv(mut f: File, regular: bool, file: &str, start: FilePos, cx: &SourceCtx) {
     // Resuming: the header comes from the file's start, the rows from the
     // checkpoint's position on.
     let mut header: Option<Vec<Arc<str>>> = None;
@@ -283,7 +333,7 @@ fn read_csv(mut f: File, file: &str, start: FilePos, cx: &SourceCtx) {
     let closed = std::rc::Rc::new(std::cell::Cell::new(false));
     let pos = std::rc::Rc::new(std::cell::Cell::new(start));
     let hand_over = HandOver {
-        inner: BufReader::with_capacity(256 * 1024, f),
+        inner: BufReader::with_capacity(256 * 1024, Input::new(f, regular, cx)),
         cx,
         pending: pending.clone(),
         closed: closed.clone(),

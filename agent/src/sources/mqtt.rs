@@ -41,7 +41,16 @@ pub(crate) struct MqttInput {
 }
 
 pub(super) async fn read(input: MqttInput, cx: SourceCtx) {
-    let inbox = input.inbox.lock().unwrap_or_else(|p| p.into_inner()).take();
+    // A reloaded flow's inbox comes back from the old version's source as
+    // that one ends (within moments of its engine stopping).
+    let mut inbox = None;
+    for _ in 0..100 {
+        inbox = input.inbox.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if inbox.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let Some(mut inbox) = inbox else {
         tracing::error!(
             "flow {} input {:?}: no broker connection for this MQTT source; it reads nothing",
@@ -61,8 +70,16 @@ pub(super) async fn read(input: MqttInput, cx: SourceCtx) {
     let mut number = 0u64;
     let mut values = Vec::new();
     loop {
-        let Some(first) = inbox.rx.recv().await else { break };
-        let mut messages = vec![first];
+        // Messages an earlier version of the flow took but did not hand on.
+        let mut messages = std::mem::take(&mut inbox.pending);
+        if messages.is_empty() {
+            let first = tokio::select! {
+                m = inbox.rx.recv() => m,
+                _ = cx.tx.closed() => None,
+            };
+            let Some(first) = first else { break };
+            messages.push(first);
+        }
         while messages.len() < MESSAGES_PER_BATCH {
             match inbox.rx.try_recv() {
                 Ok(m) => messages.push(m),
@@ -148,6 +165,15 @@ pub(super) async fn read(input: MqttInput, cx: SourceCtx) {
         };
         let nothing = batch.is_empty() && matches!(mark, super::Mark::None);
         if !nothing && cx.tx.send(SourceMsg::Batch(cx.input, batch, mark)).await.is_err() {
+            // The flow stopped before it took them: a reloaded version
+            // takes them from the inbox (on-receive: their acks are still
+            // with them; after-commit: not acknowledged, the broker sends
+            // them again).
+            if !spec.after_commit {
+                let bytes: usize = messages.iter().map(|m| m.payload.len()).sum();
+                inbox.queued.fetch_add(bytes, Ordering::Relaxed);
+                inbox.pending = messages;
+            }
             break;
         }
         // The items are in the engine's queue: let the broker forget them
@@ -155,6 +181,9 @@ pub(super) async fn read(input: MqttInput, cx: SourceCtx) {
         drop(messages);
     }
     let _ = cx.tx.send(SourceMsg::Eof(cx.input)).await;
+    // Hand the inbox back for a reloaded version of the flow (dropped with
+    // the flow otherwise, which ends the broker's route to it).
+    *input.inbox.lock().unwrap_or_else(|p| p.into_inner()) = Some(inbox);
 }
 
 /// A 64-bit FNV-1a hash of a message's topic and payload.

@@ -178,6 +178,7 @@ struct Serial {
     /// Whether the port has been read before (the next reading is "again").
     read_before: bool,
     notices: Notices,
+    started: Instant,
 }
 
 struct Away {
@@ -220,6 +221,7 @@ impl Serial {
             away: Some(Away::new(false)),
             read_before: false,
             notices: Notices::default(),
+            started: Instant::now(),
             spec,
             cx,
         }
@@ -242,6 +244,11 @@ impl Serial {
     /// The port could not be opened: said once per absence, and again when
     /// the reason changes.
     fn absent(&mut self, why: String) {
+        // Just started, and busy: most likely the previous version of this
+        // flow (a reload) closing the port this moment. Not news yet.
+        if self.started.elapsed() < STEADY && why.contains("is busy") {
+            return;
+        }
         let away = self.away.get_or_insert_with(|| Away::new(false));
         if !away.counted {
             away.counted = true;
