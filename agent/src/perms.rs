@@ -108,7 +108,7 @@ pub(crate) fn check_secret(path: &Path) -> Result<(), String> {
     let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     if meta.permissions().mode() & 0o004 != 0 {
         return Err(format!(
-            "{} is readable by every user; run: sudo chmod o-rwx {}",
+            "{} is readable by every user; run: chmod o-rwx {}",
             path.display(),
             path.display()
         ));

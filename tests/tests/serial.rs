@@ -87,6 +87,24 @@ fn windows(path: &Path, field: &str) -> BTreeMap<(String, i64), (u64, f64)> {
     out
 }
 
+/// `windows(out, field)` once it has `n` windows (at most 20 s).
+fn wait_windows(
+    agent: &mut Agent,
+    out: &Path,
+    field: &str,
+    n: usize,
+    what: &str,
+) -> BTreeMap<(String, i64), (u64, f64)> {
+    agent.wait_for(Duration::from_secs(20), what, || {
+        let got = windows(out, field);
+        if got.len() >= n {
+            Ok(got)
+        } else {
+            Err(format!("{} of {n} windows", got.len()))
+        }
+    })
+}
+
 /// The counters of the `flow ID stopped:` line the agent logs at SIGTERM.
 fn stop_counters(log: &str, flow_id: &str) -> BTreeMap<String, u64> {
     let head = format!("flow {flow_id} stopped:");
@@ -371,14 +389,7 @@ op.output("gga_out", gga, sinks.file("gga.jsonl"))"#;
 
     for id in ["json", "csv", "kv", "cbor"] {
         let out = flows.join(format!("{id}.jsonl"));
-        let got = agent.wait_for(Duration::from_secs(20), &format!("{id}: all windows"), || {
-            let got = windows(&out, "t");
-            if got.len() >= want.len() {
-                Ok(got)
-            } else {
-                Err(format!("{} of {} windows", got.len(), want.len()))
-            }
-        });
+        let got = wait_windows(&mut agent, &out, "t", want.len(), &format!("{id}: all windows"));
         assert_eq!(got, want, "{id}: windows differ from the readings sent");
         assert!(
             jsonl_items(&flows.join(format!("{id}_late.jsonl"))).is_empty(),
@@ -386,14 +397,7 @@ op.output("gga_out", gga, sinks.file("gga.jsonl"))"#;
         );
     }
     let out = flows.join("nmea.jsonl");
-    let got = agent.wait_for(Duration::from_secs(20), "nmea: all windows", || {
-        let got = windows(&out, "speed_kn");
-        if got.len() >= rmc_want.len() {
-            Ok(got)
-        } else {
-            Err(format!("{} of {} windows", got.len(), rmc_want.len()))
-        }
-    });
+    let got = wait_windows(&mut agent, &out, "speed_kn", rmc_want.len(), "nmea: all windows");
     assert_eq!(got, rmc_want, "nmea: RMC windows");
     let gga: Vec<(String, f64)> = jsonl_items(&flows.join("gga.jsonl"))
         .iter()
@@ -614,14 +618,7 @@ fn line_noise_between_readings_is_counted_and_the_readings_still_count() {
     }
     let out = flows.join("noise.jsonl");
     let want = expected(&rs);
-    let got = agent.wait_for(Duration::from_secs(20), "all windows", || {
-        let got = windows(&out, "t");
-        if got.len() >= want.len() {
-            Ok(got)
-        } else {
-            Err(format!("{} of {} windows", got.len(), want.len()))
-        }
-    });
+    let got = wait_windows(&mut agent, &out, "t", want.len(), "all windows");
     assert_eq!(got, want, "the readings between the noise");
     assert_eq!(agent.terminate(STOP_WITHIN).code(), Some(0), "{}", agent.stderr());
     let c = stop_counters(&agent.stderr(), "noise");
@@ -763,14 +760,7 @@ fn a_busy_port_is_waited_for_a_cut_first_frame_is_partial_and_a_re_pointed_link_
     more.extend(format!("{}\n", json!({"id": "s1", "ts": T0 + 1000, "t": 0.0})).into_bytes());
     b.send(&more);
     let want = expected(&readings);
-    let got = agent.wait_for(Duration::from_secs(15), "every window", || {
-        let got = windows(&out, "t");
-        if got.len() >= want.len() {
-            Ok(got)
-        } else {
-            Err(format!("{} of {} windows", got.len(), want.len()))
-        }
-    });
+    let got = wait_windows(&mut agent, &out, "t", want.len(), "every window");
     assert_eq!(got, want);
     agent.wait_for_log(Duration::from_secs(5), &format!("reading {} again", link.display()));
     assert_eq!(agent.terminate(STOP_WITHIN).code(), Some(0), "{}", agent.stderr());
@@ -842,14 +832,7 @@ fn a_csv_header_after_a_boot_message_is_found_and_kept_when_the_device_comes_bac
     device.send(format!("{text}m1,{},0\n", T0 + 1000).as_bytes());
     readings.extend(rs);
     let want = expected(&readings);
-    let got = agent.wait_for(Duration::from_secs(15), "every window", || {
-        let got = windows(&out, "t");
-        if got.len() >= want.len() {
-            Ok(got)
-        } else {
-            Err(format!("{} of {} windows", got.len(), want.len()))
-        }
-    });
+    let got = wait_windows(&mut agent, &out, "t", want.len(), "every window");
     assert_eq!(got, want);
     assert_eq!(agent.terminate(STOP_WITHIN).code(), Some(0), "{}", agent.stderr());
     let log = agent.stderr();

@@ -761,6 +761,16 @@ fn engine_main(plan: FlowPlan, mut opts: FlowOptions, py: PyRunner, rt: tokio::r
         Beat,
     }
     let wake = engine.cp.wake.clone();
+    // A source's batch into the graph, with where the source will be after it.
+    let take = |engine: &mut Engine, input: usize, items: Vec<Item>, mark: Mark| {
+        match mark {
+            Mark::None => {}
+            Mark::File(p) => engine.cp.marks[input] = Some(p),
+            Mark::Mqtt(h) => engine.cp.held.push(h),
+        }
+        engine.cp.changed(Instant::now());
+        engine.push(input_nodes[input], 0, items);
+    };
     let heartbeat = opts.heartbeat.clone();
     let beat = |at: u64| {
         if let Some(h) = &heartbeat {
@@ -815,13 +825,7 @@ fn engine_main(plan: FlowPlan, mut opts: FlowOptions, py: PyRunner, rt: tokio::r
         });
         match next {
             Next::Msg(Some(SourceMsg::Batch(input, items, mark))) => {
-                match mark {
-                    Mark::None => {}
-                    Mark::File(p) => engine.cp.marks[input] = Some(p),
-                    Mark::Mqtt(h) => engine.cp.held.push(h),
-                }
-                engine.cp.changed(Instant::now());
-                engine.push(input_nodes[input], 0, items);
+                take(&mut engine, input, items, mark);
                 // A busy input must not starve other keys' timers: what was
                 // due before this batch fires now (`deadline` is None in replay).
                 let now = Instant::now();
@@ -872,13 +876,7 @@ fn engine_main(plan: FlowPlan, mut opts: FlowOptions, py: PyRunner, rt: tokio::r
                     let Ok(SourceMsg::Batch(input, items, mark)) = rx.try_recv() else {
                         break;
                     };
-                    match mark {
-                        Mark::None => {}
-                        Mark::File(p) => engine.cp.marks[input] = Some(p),
-                        Mark::Mqtt(h) => engine.cp.held.push(h),
-                    }
-                    engine.cp.changed(Instant::now());
-                    engine.push(input_nodes[input], 0, items);
+                    take(&mut engine, input, items, mark);
                 }
                 engine.flush();
                 // A job interrupted while stopping left its batch half done:

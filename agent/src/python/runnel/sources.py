@@ -80,6 +80,17 @@ class _MqttSource(Source):
         return f"sources.mqtt({self.topics!r}, broker={self.broker!r}, qos={self.qos}, decode={self.decode!r})"
 
 
+def _columns(where, decode, columns):
+    """`columns=` of a source, validated: None, or a list of names for CSV."""
+    if columns is None:
+        return None
+    if decode != "csv":
+        raise ValueError(f"{where}: `columns` is only for decode=\"csv\"")
+    if not isinstance(columns, (list, tuple)) or not columns or not all(isinstance(c, str) and c for c in columns):
+        raise TypeError(f"{where}: `columns` must be a non-empty list of str; got {columns!r}")
+    return list(columns)
+
+
 def _topic_fields(topic: str, where: str):
     """The `{name}` levels of a topic filter, validated."""
     names = []
@@ -165,12 +176,7 @@ def mqtt(
         raise ValueError(f"{where}: `qos` must be 0 or 1; got {qos!r}")
     if decode not in _MQTT_DECODES:
         raise ValueError(f"{where}: `decode` must be one of {', '.join(_MQTT_DECODES)}; got {decode!r}")
-    if columns is not None:
-        if decode != "csv":
-            raise ValueError(f"{where}: `columns` is only for decode=\"csv\"")
-        if not isinstance(columns, (list, tuple)) or not columns or not all(isinstance(c, str) and c for c in columns):
-            raise TypeError(f"{where}: `columns` must be a non-empty list of str; got {columns!r}")
-        columns = list(columns)
+    columns = _columns(where, decode, columns)
     if topic_field is not None and (not isinstance(topic_field, str) or not topic_field):
         raise TypeError(f"{where}: `topic_field` must be a non-empty str or None; got {topic_field!r}")
     if isinstance(max_payload, bool) or not isinstance(max_payload, int) or max_payload < 1:
@@ -281,12 +287,7 @@ def serial(
         raise ValueError(f"{where}: decode=\"csv\" with framing=\"cobs\" needs columns=[...]")
     if decode == "cbor" and framing != "cobs":
         raise ValueError(f"{where}: decode=\"cbor\" needs framing=\"cobs\" (CBOR is binary: a newline byte can be part of it)")
-    if columns is not None:
-        if decode != "csv":
-            raise ValueError(f"{where}: `columns` is only for decode=\"csv\"")
-        if not isinstance(columns, (list, tuple)) or not columns or not all(isinstance(c, str) and c for c in columns):
-            raise TypeError(f"{where}: `columns` must be a non-empty list of str; got {columns!r}")
-        columns = list(columns)
+    columns = _columns(where, decode, columns)
     if timestamp_field is not None and (not isinstance(timestamp_field, str) or not timestamp_field):
         raise TypeError(f"{where}: `timestamp_field` must be a non-empty str or None; got {timestamp_field!r}")
     return _SerialSource(os.fspath(port), baud, data_bits, parity, stop_bits, flow_control, framing, max_frame, decode,
