@@ -871,8 +871,10 @@ fn engine_main(plan: FlowPlan, mut opts: FlowOptions, py: PyRunner, rt: tokio::r
                 // Batches already queued were taken from their sources (MQTT
                 // messages acknowledged): they go in before the last
                 // checkpoint, or a reload would lose them.
+                // (Not when the agent stops: its Python jobs are cut short
+                // then, and that would cost the last checkpoint.)
                 let until = Instant::now() + std::time::Duration::from_secs(1);
-                while Instant::now() < until {
+                while !engine.cx.py.is_stopping() && Instant::now() < until {
                     let Ok(SourceMsg::Batch(input, items, mark)) = rx.try_recv() else {
                         break;
                     };
