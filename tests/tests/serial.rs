@@ -54,6 +54,11 @@ op.output("late", stats.late, sinks.file("{id}_late.jsonl"))
     )
 }
 
+/// The device's own time ("ts", Unix seconds), with 60 s of wait: a stall of
+/// the machine between two readings must not make the second late (closing
+/// readings 1000 s ahead still close every window).
+const EVENT_CLOCK: &str = r#"win.EventClock("ts", wait_for_system_duration=timedelta(seconds=60), unit="s")"#;
+
 /// A `window_flow` extra: every item read, to `items.jsonl`.
 const ITEMS_OUT: &str = r#"op.output("items_out", items, sinks.file("items.jsonl"))"#;
 
@@ -179,7 +184,7 @@ fn json_csv_kv_nmea_and_cobs_cbor_devices_go_through_windows_with_garbage_skippe
     let port = |name: &str| dir.join(format!("dev-{name}"));
     // 60 s of wait: a stall of the machine between two readings must not
     // make the second late (the closers, 1000 s ahead, still close all).
-    let event_clock = r#"win.EventClock("ts", wait_for_system_duration=timedelta(seconds=60), unit="s")"#;
+    let event_clock = EVENT_CLOCK;
     let json_args = r#"decode="json", max_frame=512"#;
     write_file(
         &flows,
@@ -575,7 +580,7 @@ fn line_noise_between_readings_is_counted_and_the_readings_still_count() {
     let dir = tmp.path();
     let flows = dir.join("flows");
     let link = dir.join("noisy");
-    let clock = r#"win.EventClock("ts", wait_for_system_duration=timedelta(seconds=60), unit="s")"#;
+    let clock = EVENT_CLOCK;
     write_file(
         &flows,
         "noise.py",
@@ -690,7 +695,7 @@ fn a_busy_port_is_waited_for_a_cut_first_frame_is_partial_and_a_re_pointed_link_
     let dir = tmp.path();
     let flows = dir.join("flows");
     let link = dir.join("gps");
-    let clock = r#"win.EventClock("ts", wait_for_system_duration=timedelta(seconds=60), unit="s")"#;
+    let clock = EVENT_CLOCK;
     write_file(
         &flows,
         "moves.py",
@@ -778,7 +783,7 @@ fn a_csv_header_after_a_boot_message_is_found_and_kept_when_the_device_comes_bac
     let dir = tmp.path();
     let flows = dir.join("flows");
     let link = dir.join("meter");
-    let clock = r#"win.EventClock("ts", wait_for_system_duration=timedelta(seconds=60), unit="s")"#;
+    let clock = EVENT_CLOCK;
     write_file(
         &flows,
         "meter.py",

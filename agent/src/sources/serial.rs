@@ -172,7 +172,6 @@ struct Serial {
     number: u64,
     values: Vec<Value>,
     batch: Vec<Item>,
-    step: Arc<str>,
     /// Since when, and why, the port is away (`None`: it is being read).
     away: Option<Away>,
     /// Whether the port has been read before (the next reading is "again").
@@ -217,7 +216,6 @@ impl Serial {
             number: 0,
             values: Vec::new(),
             batch: Vec::with_capacity(64),
-            step: Arc::from(cx.step_id.as_str()),
             away: Some(Away::new(false)),
             read_before: false,
             notices: Notices::default(),
@@ -364,18 +362,21 @@ impl Serial {
     fn drop_partial(&mut self) {
         let n = self.frames.cut();
         if n > 0 {
-            let cx = &self.cx;
-            cx.counters.add(&format!("{}.partial_frames", cx.step_id), 1);
-            cx.warnings.warn(
-                &format!("flow {} input {}: partial frames", cx.flow_id, cx.step_id),
-                || {
-                    format!(
-                        "flow {} input {:?}: {}: the frame being read when the port closed ({n} bytes so far) was dropped",
-                        cx.flow_id, cx.step_id, self.shown
-                    )
-                },
-            );
+            self.count_and_warn("partial_frames", "partial frames", || {
+                format!(": the frame being read when the port closed ({n} bytes so far) was dropped")
+            });
         }
+    }
+
+    /// Count `counter` of this input, and log (rate-limited per `kind`)
+    /// the flow, input and port followed by `what`.
+    fn count_and_warn(&self, counter: &str, kind: &str, what: impl FnOnce() -> String) {
+        let cx = &self.cx;
+        cx.counters.add(&format!("{}.{counter}", cx.step_id), 1);
+        cx.warnings
+            .warn(&format!("flow {} input {}: {kind}", cx.flow_id, cx.step_id), || {
+                format!("flow {} input {:?}: {}{}", cx.flow_id, cx.step_id, self.shown, what())
+            });
     }
 
     /// One frame (or why the framer dropped it): decoded into the batch.
@@ -431,7 +432,9 @@ impl Serial {
             }
         };
         if self.header.as_ref() == Some(&cells) {
-            self.cx.counters.add(&format!("{}.repeated_headers", self.step), 1);
+            self.cx
+                .counters
+                .add(&format!("{}.repeated_headers", self.cx.step_id), 1);
             return false;
         }
         if self.header.is_some() {
@@ -478,30 +481,15 @@ impl Serial {
     }
 
     fn bad(&self, number: u64, why: String, first: bool) {
-        let cx = &self.cx;
         if first {
-            cx.counters.add(&format!("{}.partial_frames", self.step), 1);
-            cx.warnings.warn(
-                &format!("flow {} input {}: partial frames", cx.flow_id, cx.step_id),
-                || {
-                    format!(
-                        "flow {} input {:?}: {} frame {number}, the first since the port opened: {why}; taken for the tail of a frame the device was sending, skipped",
-                        cx.flow_id, cx.step_id, self.shown
-                    )
-                },
-            );
-            return;
+            self.count_and_warn("partial_frames", "partial frames", || {
+                format!(" frame {number}, the first since the port opened: {why}; taken for the tail of a frame the device was sending, skipped")
+            });
+        } else {
+            self.count_and_warn("malformed", "malformed frames", || {
+                format!(" frame {number}: {why}; frame skipped")
+            });
         }
-        cx.counters.add(&format!("{}.malformed", self.step), 1);
-        cx.warnings.warn(
-            &format!("flow {} input {}: malformed frames", cx.flow_id, cx.step_id),
-            || {
-                format!(
-                    "flow {} input {:?}: {} frame {number}: {why}; frame skipped",
-                    cx.flow_id, cx.step_id, self.shown
-                )
-            },
-        );
     }
 }
 
