@@ -8,7 +8,8 @@ per sensor (without its system-time drift):
 - a reading with ts < watermark is late and dropped;
 - a window is emitted once its close time <= watermark; EOF emits the rest.
 
-Usage: python plain_python.py DATA.jsonl OUT.jsonl
+Usage: python plain_python.py DATA.jsonl OUT.jsonl [s|iso]
+("iso": the "ts" field is ISO 8601 text with an offset, else epoch seconds)
 Each output line is `[sensor, [window_id, mean]]`.
 Keep WINDOW, WAIT and ALIGN_TO in sync with bench.py and the other flows.
 """
@@ -16,14 +17,17 @@ Keep WINDOW, WAIT and ALIGN_TO in sync with bench.py and the other flows.
 import json
 import math
 import sys
+from datetime import datetime
 
 WINDOW = 10.0  # seconds
 WAIT = 5.0  # seconds
 ALIGN_TO = 1704067200.0  # 2024-01-01T00:00:00Z
 
 
-def main(data_path, out_path):
+def main(data_path, out_path, unit="s"):
     loads, floor, dumps = json.loads, math.floor, json.dumps
+    iso = unit == "iso"
+    fromiso = datetime.fromisoformat
     # sensor -> [watermark, earliest open window's close time, {window_id: [sum, count]}]
     state = {}
     late = 0
@@ -44,6 +48,8 @@ def main(data_path, out_path):
                 continue
             r = loads(line)
             key, ts = r["sensor"], r["ts"]
+            if iso:
+                ts = fromiso(ts).timestamp()
             st = state.get(key)
             if st is None:
                 st = state[key] = [-math.inf, math.inf, {}]
@@ -70,6 +76,6 @@ def main(data_path, out_path):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
+    if len(sys.argv) not in (3, 4):
         sys.exit(__doc__)
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])
