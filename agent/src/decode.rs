@@ -49,6 +49,8 @@ impl Format {
 pub(crate) struct PayloadDecoder {
     format: Format,
     json: json::Decoder,
+    /// Only these fields of each item, when the flow reads only them.
+    fields: Option<Arc<[Arc<str>]>>,
 }
 
 /// Why (part of) a payload was skipped.
@@ -56,9 +58,16 @@ pub(crate) type Reason = String;
 
 impl PayloadDecoder {
     pub(crate) fn new(format: Format) -> PayloadDecoder {
+        PayloadDecoder::reading(format, None)
+    }
+
+    /// A decoder whose items keep only `fields` (`None`: all), see
+    /// `engine::read_fields`.
+    pub(crate) fn reading(format: Format, fields: Option<Arc<[Arc<str>]>>) -> PayloadDecoder {
         PayloadDecoder {
             format,
-            json: json::Decoder::default(),
+            json: json::Decoder::reading(fields.clone()),
+            fields,
         }
     }
 
@@ -90,7 +99,7 @@ impl PayloadDecoder {
                 };
                 for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
                     match nmea_sentence(line) {
-                        Ok(Some(v)) => out.push(v),
+                        Ok(Some(v)) => out.push(keep(v, self.fields.as_deref())),
                         Ok(None) => {}
                         Err(e) => skip(e),
                     }
@@ -104,7 +113,7 @@ impl PayloadDecoder {
                 for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
                     any = true;
                     match kv_line(line) {
-                        Ok(v) => out.push(v),
+                        Ok(v) => out.push(keep(v, self.fields.as_deref())),
                         Err(e) => skip(e),
                     }
                 }
@@ -141,13 +150,15 @@ impl PayloadDecoder {
                         plain.clear();
                         plain.extend(line.split(','));
                         match plain.len() == header.len() {
-                            true => out.push(row(&header, &plain)),
+                            true => out.push(row(&header, &plain, self.fields.as_deref())),
                             false => skip(wrong(plain.len())),
                         }
                         continue;
                     }
                     match csv_cells(line) {
-                        Ok(cells) if cells.len() == header.len() => out.push(row(&header, &cells)),
+                        Ok(cells) if cells.len() == header.len() => {
+                            out.push(row(&header, &cells, self.fields.as_deref()))
+                        }
                         Ok(cells) => skip(wrong(cells.len())),
                         Err(e) => skip(e),
                     }
@@ -436,12 +447,25 @@ pub(crate) fn cell(s: &str) -> Value {
 
 /// One dict from header names and cells; a repeated name keeps its last
 /// cell, as Python's `csv.DictReader` does.
-pub(crate) fn row<C: AsRef<str>>(names: &[Arc<str>], cells: &[C]) -> Value {
-    let mut fields: Vec<(Arc<str>, Value)> = Vec::with_capacity(names.len());
+pub(crate) fn row<C: AsRef<str>>(names: &[Arc<str>], cells: &[C], only: Option<&[Arc<str>]>) -> Value {
+    let mut fields: Vec<(Arc<str>, Value)> = Vec::with_capacity(only.map_or(names.len(), <[_]>::len));
     for (name, c) in names.iter().zip(cells) {
-        set_field(&mut fields, name.clone(), cell(c.as_ref()));
+        if only.is_none_or(|only| only.contains(name)) {
+            set_field(&mut fields, name.clone(), cell(c.as_ref()));
+        }
     }
     Value::Map(fields)
+}
+
+/// `v` with only the fields `only` names, if it is a dict (`None`: all).
+pub(crate) fn keep(v: Value, only: Option<&[Arc<str>]>) -> Value {
+    match (v, only) {
+        (Value::Map(mut fields), Some(only)) => {
+            fields.retain(|(name, _)| only.contains(name));
+            Value::Map(fields)
+        }
+        (v, _) => v,
+    }
 }
 
 fn csv_cells(line: &str) -> Result<Vec<String>, Reason> {
@@ -593,7 +617,7 @@ mod tests {
             );
             assert!(bad.is_empty(), "{line}: {bad:?}");
             let cells = csv_cells(line).unwrap();
-            assert_eq!(show(&fast), show(&[row(&cols, &cells)]), "{line}");
+            assert_eq!(show(&fast), show(&[row(&cols, &cells, None)]), "{line}");
         }
     }
 

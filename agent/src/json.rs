@@ -12,21 +12,33 @@ use crate::value::{set_field, Value};
 
 /// Decodes JSON text into a `Value`, sharing the `Arc<str>` of field names
 /// that repeat from record to record (sensor payloads all look alike).
+///
+/// With `fields` set (the plan's native steps read only those, see
+/// `engine::read_fields`), an object keeps just those fields: the others
+/// are checked and skipped without being built. The result is always the
+/// full decoding with the other fields left out.
 #[derive(Default)]
 pub(crate) struct Decoder {
     names: Names,
+    fields: Option<Arc<[Arc<str>]>>,
 }
 
-/// Field names and short text values seen before, shared instead of
-/// allocated again: sensor ids and field names repeat on every line, and a
-/// shared `Arc<str>` also lets the Python thread reuse one Python string.
 #[derive(Default)]
 struct Names {
     known: rustc_hash::FxHashMap<Box<str>, Arc<str>>,
     /// The field names of the previous object, by position: JSON lines
     /// usually repeat them in the same order, so one compare finds them.
     previous_keys: Vec<Arc<str>>,
+    /// Per top-level position, how many text values in a row were new:
+    /// a field whose values never repeat (a timestamp, a message id) is
+    /// not shared, so it neither costs a lookup nor pushes the sensor ids
+    /// out of `known`. It is tried again after `RETRY_AFTER` values.
+    misses: Vec<u16>,
 }
+
+/// New values in a row after which a field's texts are not shared.
+const MISSES: u16 = 16;
+const RETRY_AFTER: u16 = 1024;
 
 /// Texts longer than this are not shared (they rarely repeat).
 const SHARE_UP_TO: usize = 32;
@@ -49,6 +61,26 @@ impl Names {
         k
     }
 
+    /// A text value of the top-level field at `position`.
+    fn value_at(&mut self, position: usize, s: &str) -> Arc<str> {
+        if position >= self.misses.len() {
+            if position >= 64 {
+                return self.get(s);
+            }
+            self.misses.resize(position + 1, 0);
+        }
+        let misses = self.misses[position];
+        if misses >= MISSES {
+            self.misses[position] = if misses >= MISSES + RETRY_AFTER { 0 } else { misses + 1 };
+            return Arc::from(s);
+        }
+        let before = self.known.len();
+        let a = self.get(s);
+        // A new entry (or a cleared table) means it was not known.
+        self.misses[position] = if self.known.len() != before { misses + 1 } else { 0 };
+        a
+    }
+
     fn get(&mut self, s: &str) -> Arc<str> {
         if s.len() > SHARE_UP_TO {
             return Arc::from(s);
@@ -66,61 +98,136 @@ impl Names {
 }
 
 impl Decoder {
-    pub(crate) fn decode(&mut self, text: &[u8]) -> Result<Value, serde_json::Error> {
-        // Validating the whole line at once is cheaper than string by string.
-        match std::str::from_utf8(text) {
-            Ok(text) => match self.decode_flat(text.as_bytes()) {
-                Some(v) => Ok(v),
-                None => self.finish(serde_json::Deserializer::from_str(text)),
-            },
-            Err(_) => self.finish(serde_json::Deserializer::from_slice(text)),
+    /// A decoder that keeps only `fields` of each object (`None`: all).
+    pub(crate) fn reading(fields: Option<Arc<[Arc<str>]>>) -> Decoder {
+        Decoder {
+            names: Names::default(),
+            fields,
         }
     }
 
-    /// The common case, fast: one flat object whose values are strings
-    /// without escapes, numbers, booleans or null. Anything else (nesting,
-    /// escapes, and every error) returns `None` and goes to serde_json,
+    pub(crate) fn decode(&mut self, text: &[u8]) -> Result<Value, serde_json::Error> {
+        // Validating the whole line at once is cheaper than string by string.
+        let full = match std::str::from_utf8(text) {
+            Ok(text) => match self.decode_fast(text.as_bytes()) {
+                Some(v) => return Ok(v),
+                None => self.finish(serde_json::Deserializer::from_str(text)),
+            },
+            Err(_) => self.finish(serde_json::Deserializer::from_slice(text)),
+        }?;
+        Ok(self.keep_fields(full))
+    }
+
+    /// `v` with only the wanted fields, if it is an object.
+    fn keep_fields(&self, v: Value) -> Value {
+        crate::decode::keep(v, self.fields.as_deref())
+    }
+
+    /// The common case, fast: a JSON value whose strings have no escapes,
+    /// nested at most `MAX_DEPTH` deep. Anything else (escapes, deeper
+    /// nesting, and every error) returns `None` and goes to serde_json,
     /// which then decides. Numbers are read with Rust's correctly rounded
     /// parser, as Python's json module reads them.
-    fn decode_flat(&mut self, b: &[u8]) -> Option<Value> {
-        let mut i = skip_ws(b, 0);
-        if b.get(i) != Some(&b'{') {
-            return None;
-        }
-        i = skip_ws(b, i + 1);
-        let mut fields: Vec<(Arc<str>, Value)> = Vec::with_capacity(self.names.previous_keys.len().max(1));
+    fn decode_fast(&mut self, b: &[u8]) -> Option<Value> {
+        let i = skip_ws(b, 0);
+        let (v, next) = if b.get(i) == Some(&b'{') {
+            self.object(b, i, 0)?
+        } else {
+            self.value(b, i, 1)?
+        };
+        (skip_ws(b, next) == b.len()).then_some(v)
+    }
+
+    /// The object at `b[i] == '{'`; `depth` 0 is the top level, whose
+    /// field names are looked up by position and which keeps only the
+    /// wanted fields.
+    fn object(&mut self, b: &[u8], i: usize, depth: usize) -> Option<(Value, usize)> {
+        let mut i = skip_ws(b, i + 1);
+        let capacity = match (&self.fields, depth) {
+            (Some(wanted), 0) => wanted.len().max(1),
+            (None, 0) => self.names.previous_keys.len().max(1),
+            _ => 4,
+        };
+        let mut fields: Vec<(Arc<str>, Value)> = Vec::with_capacity(capacity);
         if b.get(i) == Some(&b'}') {
-            return (skip_ws(b, i + 1) == b.len()).then_some(Value::Map(fields));
+            return Some((Value::Map(fields), i + 1));
         }
+        let mut position = 0;
         loop {
             let (key, next) = flat_str(b, i)?;
-            let name = self.names.key(fields.len(), key);
             i = skip_ws(b, next);
             if b.get(i) != Some(&b':') {
                 return None;
             }
             i = skip_ws(b, i + 1);
-            let (value, next) = match *b.get(i)? {
-                b'"' => {
-                    let (text, next) = flat_str(b, i)?;
-                    (Value::Str(self.names.get(text)), next)
-                }
-                b't' if b[i..].starts_with(b"true") => (Value::Bool(true), i + 4),
-                b'f' if b[i..].starts_with(b"false") => (Value::Bool(false), i + 5),
-                b'n' if b[i..].starts_with(b"null") => (Value::Null, i + 4),
-                b'-' | b'0'..=b'9' => flat_number(b, i)?,
-                _ => return None,
+            let wanted = match (&self.fields, depth) {
+                (Some(w), 0) => w.iter().any(|f| **f == *key),
+                _ => true,
             };
-            // Like Python's json.loads, a repeated name keeps the last value.
-            set_field(&mut fields, name, value);
-            i = skip_ws(b, next);
+            if wanted {
+                let name = if depth == 0 {
+                    self.names.key(position, key)
+                } else {
+                    self.names.get(key)
+                };
+                let (value, next) = if depth == 0 && b.get(i) == Some(&b'"') {
+                    let (text, next) = flat_str(b, i)?;
+                    (Value::Str(self.names.value_at(position, text)), next)
+                } else {
+                    self.value(b, i, depth + 1)?
+                };
+                // Like Python's json.loads, a repeated name keeps the last value.
+                match fields.iter_mut().find(|(n, _)| Arc::ptr_eq(n, &name) || **n == *name) {
+                    Some(slot) => slot.1 = value,
+                    None => fields.push((name, value)),
+                }
+                i = skip_ws(b, next);
+            } else {
+                if depth == 0 {
+                    self.names.key(position, key);
+                }
+                i = skip_ws(b, skip_value(b, i, depth + 1)?);
+            }
+            position += 1;
             match b.get(i)? {
                 b',' => i = skip_ws(b, i + 1),
-                b'}' => break,
+                b'}' => return Some((Value::Map(fields), i + 1)),
                 _ => return None,
             }
         }
-        (skip_ws(b, i + 1) == b.len()).then_some(Value::Map(fields))
+    }
+
+    /// The value at `b[i]` (not whitespace).
+    fn value(&mut self, b: &[u8], i: usize, depth: usize) -> Option<(Value, usize)> {
+        Some(match *b.get(i)? {
+            b'"' => {
+                let (text, next) = flat_str(b, i)?;
+                (Value::Str(self.names.get(text)), next)
+            }
+            b'{' if depth < MAX_DEPTH => self.object(b, i, depth)?,
+            b'[' if depth < MAX_DEPTH => {
+                let mut items = Vec::new();
+                let mut i = skip_ws(b, i + 1);
+                if b.get(i) == Some(&b']') {
+                    return Some((Value::List(items), i + 1));
+                }
+                loop {
+                    let (v, next) = self.value(b, i, depth + 1)?;
+                    items.push(v);
+                    i = skip_ws(b, next);
+                    match b.get(i)? {
+                        b',' => i = skip_ws(b, i + 1),
+                        b']' => return Some((Value::List(items), i + 1)),
+                        _ => return None,
+                    }
+                }
+            }
+            b't' if b[i..].starts_with(b"true") => (Value::Bool(true), i + 4),
+            b'f' if b[i..].starts_with(b"false") => (Value::Bool(false), i + 5),
+            b'n' if b[i..].starts_with(b"null") => (Value::Null, i + 4),
+            b'-' | b'0'..=b'9' => flat_number(b, i)?,
+            _ => return None,
+        })
     }
 
     /// Decode one CBOR data item with the same sharing of names; maps keep
@@ -130,7 +237,7 @@ impl Decoder {
         let mut de = serde_cbor::Deserializer::from_slice(bytes);
         let v = ValueSeed { names: &mut self.names }.deserialize(&mut de)?;
         de.end()?;
-        Ok(v)
+        Ok(self.keep_fields(v))
     }
 
     fn finish<'de, R: serde_json::de::Read<'de>>(
@@ -141,6 +248,77 @@ impl Decoder {
         de.end()?;
         Ok(v)
     }
+}
+
+/// Deeper values go to serde_json (whose own limit is 128).
+const MAX_DEPTH: usize = 64;
+
+/// Check the value at `b[i]` the way `Decoder::value` would read it, without
+/// building it: the index after it, or `None` for what the fast path leaves
+/// to serde_json.
+fn skip_value(b: &[u8], i: usize, depth: usize) -> Option<usize> {
+    match *b.get(i)? {
+        b'"' => flat_str(b, i).map(|(_, next)| next),
+        open @ (b'{' | b'[') if depth < MAX_DEPTH => {
+            let close = if open == b'{' { b'}' } else { b']' };
+            let mut i = skip_ws(b, i + 1);
+            if b.get(i) == Some(&close) {
+                return Some(i + 1);
+            }
+            loop {
+                if open == b'{' {
+                    i = skip_ws(b, flat_str(b, i)?.1);
+                    if b.get(i) != Some(&b':') {
+                        return None;
+                    }
+                    i = skip_ws(b, i + 1);
+                }
+                i = skip_ws(b, skip_value(b, i, depth + 1)?);
+                match *b.get(i)? {
+                    b',' => i = skip_ws(b, i + 1),
+                    c if c == close => return Some(i + 1),
+                    _ => return None,
+                }
+            }
+        }
+        b't' if b[i..].starts_with(b"true") => Some(i + 4),
+        b'f' if b[i..].starts_with(b"false") => Some(i + 5),
+        b'n' if b[i..].starts_with(b"null") => Some(i + 4),
+        b'-' | b'0'..=b'9' => skip_number(b, i),
+        _ => None,
+    }
+}
+
+/// A number `flat_number` would take, checked but not converted where its
+/// grammar alone tells (no exponent, not too long to be a finite float or
+/// an i64).
+fn skip_number(b: &[u8], i: usize) -> Option<usize> {
+    let mut j = i + usize::from(b[i] == b'-');
+    let int_start = j;
+    while b.get(j).is_some_and(u8::is_ascii_digit) {
+        j += 1;
+    }
+    let int_digits = j - int_start;
+    if int_digits == 0 || (int_digits > 1 && b[int_start] == b'0') {
+        return None;
+    }
+    let mut integer = true;
+    if b.get(j) == Some(&b'.') {
+        integer = false;
+        let from = j + 1;
+        j = from;
+        while b.get(j).is_some_and(u8::is_ascii_digit) {
+            j += 1;
+        }
+        if j == from {
+            return None;
+        }
+    }
+    let plain = !matches!(b.get(j), Some(b'e' | b'E'));
+    if plain && ((integer && int_digits <= 18) || (!integer && int_digits <= 300)) {
+        return Some(j);
+    }
+    flat_number(b, i).map(|(_, next)| next)
 }
 
 fn skip_ws(b: &[u8], mut i: usize) -> usize {
@@ -416,7 +594,7 @@ mod tests {
 
     /// The fast path and serde_json agree on everything the fast path takes.
     #[test]
-    fn the_flat_fast_path_decodes_like_serde_json() {
+    fn the_fast_path_decodes_like_serde_json() {
         let lines = [
             r#"{"sensor": "s-1", "ts": 1704067200.125, "temp": -21.5, "ok": true, "n": null, "k": 7}"#,
             r#"  {"a":1,"b":"x","a":2}  "#,
@@ -424,11 +602,14 @@ mod tests {
             r#"{"big": 18446744073709551615, "e": 1E-7, "f": 2.5e+3, "z": 0.1}"#,
             r#"{"long": "a string that is longer than thirty-two bytes, not shared"}"#,
             r#"{"ü": "ä€𝄞"}"#,
+            r#"{"a": [1, [2, []], {}], "loc": {"lat": 52.1, "lon": -0.5, "a": {"b": [true, null]}}}"#,
+            r#"[{"x": 1}, "y", -0.25, 3]"#,
+            r#""just text""#,
         ];
         for line in lines {
             let mut fast = Decoder::default();
             let v = fast
-                .decode_flat(line.as_bytes())
+                .decode_fast(line.as_bytes())
                 .unwrap_or_else(|| panic!("fast path refused {line}"));
             let mut a = String::new();
             write(&v, &mut a);
@@ -448,10 +629,10 @@ mod tests {
 
     /// Everything unusual goes to serde_json, which reports errors.
     #[test]
-    fn the_flat_fast_path_refuses_what_it_does_not_handle() {
+    fn the_fast_path_refuses_what_it_does_not_handle() {
         for line in [
-            r#"{"a": [1]}"#,
-            r#"{"a": {"b": 1}}"#,
+            r#"{"a": [1,]}"#,
+            r#"{"a": {"b" 1}}"#,
             r#"{"a": "esc\"aped"}"#,
             r#"{"a": 01}"#,
             r#"{"a": 1.}"#,
@@ -461,10 +642,10 @@ mod tests {
             r#"{"a": tru}"#,
             r#"{"a": 1,}"#,
             r#"{"a": 1} x"#,
-            r#"[1, 2]"#,
+            r#"[1, 2"#,
             "{\"a\": \"tab\there\"}",
         ] {
-            assert!(Decoder::default().decode_flat(line.as_bytes()).is_none(), "{line}");
+            assert!(Decoder::default().decode_fast(line.as_bytes()).is_none(), "{line}");
         }
         let mut d = Decoder::default();
         assert!(d.decode(br#"{"a": 01}"#).is_err());
@@ -472,6 +653,51 @@ mod tests {
             d.decode(br#"{"a": -99999999999999999999}"#),
             Ok(Value::Map(_))
         ));
+    }
+
+    /// Keeping only some fields gives the full decoding without the
+    /// others, whichever path a line takes, errors included.
+    #[test]
+    fn a_decoder_keeping_some_fields_equals_the_full_decoding_without_the_rest() {
+        let deep = format!("{{\"k\": \"a\", \"deep\": {}1{}}}", "[".repeat(70), "]".repeat(70));
+        let lines = [
+            r#"{"sensor": "s-1", "ts": 1704067200.125, "temp": -21.5, "loc": {"lat": 1, "x": [1, 2]}, "v": [1e5, -0, 0.5]}"#,
+            r#"{"temp": 1, "skip": "esc\"aped", "sensor": "s"}"#,
+            r#"{"temp": 1, "temp": 2, "sensor": "s", "temp": 3}"#,
+            r#"{"sensor": {"nested": "key"}, "temp": 1}"#,
+            r#"{"temp": 1, "x": 1e999}"#,
+            r#"{"temp": 1, "x": 123456789012345678901234567890}"#,
+            r#"{"temp": 1, "x": 01}"#,
+            r#"{"temp": 1, "x": [1,]}"#,
+            r#"{"temp": 1, "x": {"a" 1}}"#,
+            r#"{"temp": 1, "x": 2.5E+3, "y": 1.}"#,
+            r#"{"temp": 1, "x": "tab	here"}"#,
+            r#"{"temp": 1} trailing"#,
+            r#"[1, {"temp": 2}]"#,
+            r#"{}"#,
+            r#"{"x": 1, "y": [true, false, null, "s"]}"#,
+            &deep,
+        ];
+        let wanted: Arc<[Arc<str>]> = vec![Arc::from("sensor"), Arc::from("temp"), Arc::from("k")].into();
+        for line in lines {
+            let full = Decoder::default().decode(line.as_bytes());
+            let kept = Decoder::reading(Some(wanted.clone())).decode(line.as_bytes());
+            match (full, kept) {
+                (Ok(full), Ok(kept)) => {
+                    let (mut a, mut b) = (String::new(), String::new());
+                    write(&Decoder::reading(Some(wanted.clone())).keep_fields(full), &mut a);
+                    write(&kept, &mut b);
+                    assert_eq!(a, b, "{line}");
+                }
+                (Err(_), Err(_)) => {}
+                (full, kept) => panic!("{line}: full {full:?}, kept {kept:?}"),
+            }
+        }
+        // Unwanted fields are not built at all on the fast path.
+        let v = Decoder::reading(Some(wanted))
+            .decode_fast(br#"{"a": [1, {"b": "c"}], "temp": 2, "z": "zz"}"#)
+            .expect("fast path");
+        assert!(matches!(&v, Value::Map(f) if f.len() == 1 && &*f[0].0 == "temp"));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Deterministic sensor readings for the Bytewax oracle tests.
 
-    python3 tests/oracle/gen.py --seed 1 --out /tmp/data.jsonl [--keys 4] [--n 400] [--format jsonl|csv]
+    python3 tests/oracle/gen.py --seed 1 --out /tmp/data.jsonl [--keys 4] [--n 400] [--format jsonl|csv] [--wide] [--iso]
 
 Writes readings like {"sensor": "s3", "ts": 1704067215.375, "temp": 21.5,
 "rh": 40.1, "seq": 17} (one per line, or CSV with header
@@ -24,6 +24,12 @@ sensor 7, which runnel keys as "7"):
 - junk: records without a usable sensor, without or with an unreadable
   "ts", (jsonl) non-object JSON values, malformed lines and blank lines;
   (csv) rows with the wrong number of cells.
+
+--wide (jsonl) gives every record more fields, as real devices send them:
+short strings (some with JSON escapes or non-ASCII text), a nested object,
+a small list, null, a deeper nesting now and then, some before "sensor" and
+"ts". --iso writes every numeric "ts" as ISO 8601 text with the sensor's UTC
+offset (Z, +00:00, +01:00, -05:00, +05:30), with or without a fraction.
 
 Watermark margins. The oracle flows use EventClock(wait_for_system_duration
 =10 s). runnel's watermark comes from the data only, while Bytewax's also
@@ -184,6 +190,56 @@ def generate(seed, n_keys, n, fmt):
     return out
 
 
+OFFSETS = [("Z", 0), ("+00:00", 0), ("+01:00", 60), ("-05:00", -300), ("+05:30", 330)]
+
+
+def iso(t, offset):
+    """Epoch seconds t (a multiple of 1/8 s) as local ISO 8601 text."""
+    from datetime import datetime, timedelta, timezone
+
+    text, minutes = offset
+    whole = int(t // 1)
+    local = datetime.fromtimestamp(whole, tz=timezone.utc) + timedelta(minutes=minutes)
+    frac = t - whole
+    body = local.strftime("%Y-%m-%dT%H:%M:%S")
+    if frac:
+        body += f"{frac:.3f}"[1:]
+    return body + text
+
+
+def widen(records, seed, wide, as_iso):
+    """Add --wide's fields and --iso's timestamps (own random numbers, so
+    the readings themselves stay those of the seed)."""
+    rng = random.Random(seed + 1000)
+    statuses = ["ok", "ok", "ok", "warn", "low batt", 'say "hi"', "tab\there", "Ω-ok", "line\nbreak"]
+    offsets = {}
+    for rec in records:
+        if not isinstance(rec, dict):
+            continue
+        if as_iso and _numeric(rec.get("ts")):
+            key = str(rec.get("sensor"))
+            off = offsets.setdefault(key, OFFSETS[len(offsets) % len(OFFSETS)])
+            rec["ts"] = iso(rec["ts"], off)
+        if not wide:
+            continue
+        extra = {
+            "status": rng.choice(statuses),
+            "loc": {"lat": round(52 + rng.random(), 4), "lon": round(13 + rng.random(), 4), "alt": None},
+            "rssi": [-rng.randrange(40, 90) for _ in range(rng.randrange(0, 4))],
+            "fw": f"2.{rng.randrange(4)}.{rng.randrange(10)}",
+            "ok": rng.random() < 0.9,
+        }
+        if rng.random() < 0.1:
+            extra["diag"] = {"a": [{"b": [1, 2.5e-3, {"c": "d"}]}], "e": []}
+        front = {k: extra.pop(k) for k in ["fw"] if rng.random() < 0.3}
+        rest = dict(rec)
+        rec.clear()
+        rec.update(front)
+        rec.update(rest)
+        rec.update(extra)
+    return records
+
+
 def write(records, path, fmt):
     with open(path, "w", encoding="utf-8", newline="") as f:
         if fmt == "jsonl":
@@ -214,9 +270,13 @@ def main(argv=None):
     ap.add_argument("--keys", type=int, default=4, help="number of string sensor keys (plus the int sensor 7)")
     ap.add_argument("--n", type=int, default=400, help="number of regular readings")
     ap.add_argument("--format", choices=["jsonl", "csv"], help="default: csv if --out ends in .csv, else jsonl")
+    ap.add_argument("--wide", action="store_true", help="(jsonl) more fields per record, nested ones among them")
+    ap.add_argument("--iso", action="store_true", help="numeric timestamps as ISO 8601 text with offsets")
     args = ap.parse_args(argv)
     fmt = args.format or ("csv" if args.out.lower().endswith(".csv") else "jsonl")
-    write(generate(args.seed, args.keys, args.n, fmt), args.out, fmt)
+    if args.wide and fmt != "jsonl":
+        ap.error("--wide needs jsonl")
+    write(widen(generate(args.seed, args.keys, args.n, fmt), args.seed, args.wide, args.iso), args.out, fmt)
     return 0
 
 

@@ -14,8 +14,8 @@ struct FieldAcc {
     m2: f64,
     min: f64,
     max: f64,
-    first: Option<Value>,
-    last: Option<Value>,
+    first: Option<Num>,
+    last: Option<Num>,
     /// Kept only when a percentile is asked for.
     values: Option<Vec<f64>>,
     /// Whether to keep the running variance (costs a division per value).
@@ -34,12 +34,12 @@ impl FieldAcc {
         if self.count == 1 {
             self.min = x;
             self.max = x;
-            self.first = Some(raw.clone());
+            self.first = Num::of(raw);
         } else {
             self.min = self.min.min(x);
             self.max = self.max.max(x);
         }
-        self.last = Some(raw.clone());
+        self.last = Num::of(raw);
         if let Some(v) = &mut self.values {
             v.push(x);
         }
@@ -80,8 +80,8 @@ impl FieldAcc {
             Stat::Min => opt(self.min),
             Stat::Max => opt(self.max),
             Stat::Stddev => opt((self.m2 / n as f64).max(0.0).sqrt()),
-            Stat::First => self.first.clone().unwrap_or(Value::Null),
-            Stat::Last => self.last.clone().unwrap_or(Value::Null),
+            Stat::First => self.first.map_or(Value::Null, Num::value),
+            Stat::Last => self.last.map_or(Value::Null, Num::value),
             Stat::P50 => self.percentile(50),
             Stat::P90 => self.percentile(90),
             Stat::P99 => self.percentile(99),
@@ -103,10 +103,57 @@ impl FieldAcc {
     }
 }
 
+/// A number as it came: `first` and `last` give back an int or a float.
+#[derive(Clone, Copy, Debug)]
+enum Num {
+    Int(i64),
+    Float(f64),
+}
+
+impl Num {
+    fn of(v: &Value) -> Option<Num> {
+        match v {
+            Value::Int(n) => Some(Num::Int(*n)),
+            Value::Float(x) => Some(Num::Float(*x)),
+            _ => None,
+        }
+    }
+    fn value(self) -> Value {
+        match self {
+            Num::Int(n) => Value::Int(n),
+            Num::Float(x) => Value::Float(x),
+        }
+    }
+}
+
+/// The shared name of a statistic (a result per window names each).
+fn stat_name(s: Stat) -> std::sync::Arc<str> {
+    use Stat::*;
+    const ALL: [Stat; 11] = [Count, Sum, Mean, Min, Max, Stddev, First, Last, P50, P90, P99];
+    static NAMES: std::sync::OnceLock<Vec<std::sync::Arc<str>>> = std::sync::OnceLock::new();
+    let names = NAMES.get_or_init(|| ALL.iter().map(|s| std::sync::Arc::from(s.name())).collect());
+    let at = match s {
+        Count => 0,
+        Sum => 1,
+        Mean => 2,
+        Min => 3,
+        Max => 4,
+        Stddev => 5,
+        First => 6,
+        Last => 7,
+        P50 => 8,
+        P90 => 9,
+        P99 => 10,
+    };
+    names[at].clone()
+}
+
 /// All fields' statistics of one window.
 #[derive(Clone, Debug)]
 pub(crate) struct AggAcc {
-    fields: Vec<FieldAcc>,
+    /// One per aggregated field, inline for one (the common case; a window
+    /// of each of 100,000 keys may be open).
+    fields: smallvec::SmallVec<[FieldAcc; 1]>,
 }
 
 fn wants_values(stats: &[Stat]) -> bool {
@@ -120,12 +167,51 @@ impl AggAcc {
                 .fields
                 .iter()
                 .map(|(_, stats)| FieldAcc {
-                    values: wants_values(stats).then(Vec::new),
+                    values: wants_values(stats).then(Default::default),
                     variance: stats.contains(&Stat::Stddev),
                     ..FieldAcc::default()
                 })
                 .collect(),
         }
+    }
+
+    /// Fold in a value as `queued` keeps it: for one field, that field's
+    /// value (`Null` when missing or not a number), else a dict of them.
+    pub(crate) fn add_queued(&mut self, spec: &AggSpec, v: &Value) {
+        match (&mut self.fields[..], v) {
+            ([acc], Value::Int(n)) => acc.add(v, *n as f64),
+            ([acc], Value::Float(x)) if x.is_finite() => acc.add(v, *x),
+            ([_], _) => {}
+            _ => self.add(spec, v),
+        }
+    }
+
+    /// What of an item's value (a dict) `add_queued` needs, to keep while
+    /// it waits for the watermark; the rest is handed back in `rest`.
+    pub(crate) fn queued(spec: &AggSpec, v: Value, rest: &mut Option<Value>) -> Value {
+        let Value::Map(mut fields) = v else {
+            // Not a dict: nothing of it is aggregated.
+            return if spec.fields.len() == 1 { Value::Null } else { v };
+        };
+        if let [(name, _)] = &spec.fields[..] {
+            let x = match fields.iter_mut().find(|(n, _)| n == name) {
+                Some((_, x @ (Value::Int(_) | Value::Float(_)))) => std::mem::replace(x, Value::Null),
+                _ => Value::Null,
+            };
+            *rest = Some(Value::Map(fields));
+            return x;
+        }
+        let read = |name: &std::sync::Arc<str>| spec.fields.iter().any(|(f, _)| f == name);
+        let n = fields.iter().filter(|(name, _)| read(name)).count();
+        if n == fields.len() {
+            return Value::Map(fields);
+        }
+        let mut keep = Vec::with_capacity(n);
+        for slot in fields.iter_mut().filter(|(name, _)| read(name)) {
+            keep.push((slot.0.clone(), std::mem::replace(&mut slot.1, Value::Null)));
+        }
+        *rest = Some(Value::Map(fields));
+        Value::Map(keep)
     }
 
     /// Fold one item's value (a dict) in. Fields that are missing or not
@@ -158,11 +244,11 @@ impl AggAcc {
             for x in [f.sum, f.mean, f.m2, f.min, f.max] {
                 e.f(x);
             }
-            for v in [&f.first, &f.last] {
+            for v in [f.first, f.last] {
                 match v {
                     Some(v) => {
                         e.b(true);
-                        e.value(v);
+                        e.value(&v.value());
                     }
                     None => e.b(false),
                 }
@@ -171,7 +257,7 @@ impl AggAcc {
                 Some(xs) => {
                     e.b(true);
                     e.u(xs.len() as u64);
-                    for x in xs {
+                    for x in xs.iter() {
                         e.f(*x);
                     }
                 }
@@ -187,12 +273,21 @@ impl AggAcc {
         if n != spec.fields.len() {
             return Err(format!("{n} aggregated fields, the step has {}", spec.fields.len()));
         }
-        let mut fields = Vec::with_capacity(n);
+        let mut fields = smallvec::SmallVec::with_capacity(n);
         for _ in 0..n {
             let count = d.u()?;
             let (sum, mean, m2, min, max) = (d.f()?, d.f()?, d.f()?, d.f()?, d.f()?);
-            let first = if d.b()? { Some(d.value()?) } else { None };
-            let last = if d.b()? { Some(d.value()?) } else { None };
+            let mut num = || -> DecResult<Option<Num>> {
+                if !d.b()? {
+                    return Ok(None);
+                }
+                match Num::of(&d.value()?) {
+                    Some(n) => Ok(Some(n)),
+                    None => Err("a first or last value that is not a number".into()),
+                }
+            };
+            let first = num()?;
+            let last = num()?;
             let values = if d.b()? {
                 let k = d.n()?;
                 Some((0..k).map(|_| d.f()).collect::<DecResult<Vec<f64>>>()?)
@@ -223,10 +318,7 @@ impl AggAcc {
                 .iter()
                 .zip(&self.fields)
                 .map(|((name, stats), acc)| {
-                    let m = stats
-                        .iter()
-                        .map(|s| (std::sync::Arc::from(s.name()), acc.stat(*s)))
-                        .collect();
+                    let m = stats.iter().map(|s| (stat_name(*s), acc.stat(*s))).collect();
                     (name.clone(), Value::Map(m))
                 })
                 .collect(),

@@ -62,7 +62,7 @@ impl Operator for CollectOp {
         }
     }
 
-    fn on_eof(&mut self, cx: &Cx, out: &mut Out) {
+    fn on_eof(&mut self, cx: &Cx, out: &mut Out) -> bool {
         let mut keys: Vec<Arc<str>> = self.lists.keys().cloned().collect();
         keys.sort();
         for k in keys {
@@ -72,6 +72,7 @@ impl Operator for CollectOp {
             let (_, values) = self.lists.remove(&k).expect("list");
             out.ports[0].push(emit(k, values));
         }
+        false
     }
 
     fn on_tick(&mut self, cx: &Cx, now: Instant, out: &mut Out) {

@@ -195,9 +195,16 @@ impl Engine {
 
     fn eof(&mut self) {
         for n in 0..self.nodes.len() {
-            let mut out = Out::new(self.nodes[n].consumers.len());
-            self.nodes[n].op.on_eof(&self.cx, &mut out);
-            self.route(n, out);
+            loop {
+                let mut out = Out::new(self.nodes[n].consumers.len());
+                let more = self.nodes[n].op.on_eof(&self.cx, &mut out);
+                self.route(n, out);
+                // What the part left behind is freed before the next part.
+                self.return_husks();
+                if !more {
+                    break;
+                }
+            }
         }
     }
 
@@ -572,6 +579,84 @@ fn only_python_reads(steps: &[crate::flow::StepPlan], stream: usize, depth: usiz
     })
 }
 
+/// Each `key_on` by field whose stream only one window step reads (and
+/// that step nothing else): (its node, the window's node, its step id, the
+/// field). The window keys the items itself and the `key_on` passes them
+/// on as they are.
+fn fused_key_ons(steps: &[crate::flow::StepPlan]) -> Vec<(usize, usize, String, Arc<str>)> {
+    let mut fused = Vec::new();
+    for (k, s) in steps.iter().enumerate() {
+        let (StepKind::KeyOnField(field), [down]) = (&s.kind, s.downs.as_slice()) else {
+            continue;
+        };
+        let readers: Vec<usize> = (0..steps.len()).filter(|r| steps[*r].ups.contains(down)).collect();
+        if let [w] = readers.as_slice() {
+            if matches!(steps[*w].kind, StepKind::Window(_)) && steps[*w].ups.len() == 1 {
+                fused.push((k, *w, s.step_id.clone(), field.clone()));
+            }
+        }
+    }
+    fused
+}
+
+/// The fields of the items on `stream` that the plan reads, when only
+/// native steps read them and only by field name (`key_on` by field, an
+/// event clock on a field, `win.aggregate` or `count_window` whose late
+/// items go nowhere): a source decodes just those. `None` when anything
+/// sees whole items (a Python step, a sink, late items that are output).
+pub(crate) fn read_fields(steps: &[crate::flow::StepPlan], stream: usize) -> Option<Vec<Arc<str>>> {
+    let mut fields = Vec::new();
+    let readers = steps.iter().filter(|s| s.ups.contains(&stream)).count();
+    (readers > 0 && fields_read(steps, stream, 0, &mut fields)).then_some(fields)
+}
+
+fn fields_read(steps: &[crate::flow::StepPlan], stream: usize, depth: usize, fields: &mut Vec<Arc<str>>) -> bool {
+    use crate::flow::{ClockSpec, LogicSpec, TsGetter};
+    fn add(fields: &mut Vec<Arc<str>>, f: &Arc<str>) {
+        if !fields.contains(f) {
+            fields.push(f.clone());
+        }
+    }
+    let unread = |port: Option<&usize>| port.is_none_or(|d| steps.iter().all(|s| !s.ups.contains(d)));
+    if depth > 16 {
+        return false;
+    }
+    for s in steps.iter().filter(|s| s.ups.contains(&stream)) {
+        let ok = match &s.kind {
+            StepKind::KeyOnField(f) => {
+                add(fields, f);
+                s.downs.iter().all(|d| fields_read(steps, *d, depth + 1, fields))
+            }
+            StepKind::Merge | StepKind::KeyRm => s.downs.iter().all(|d| fields_read(steps, *d, depth + 1, fields)),
+            StepKind::Window(w) => {
+                match &w.clock {
+                    ClockSpec::Event {
+                        getter: TsGetter::Field { name, .. },
+                        ..
+                    } => add(fields, name),
+                    ClockSpec::System => {}
+                    ClockSpec::Event { .. } => return false,
+                }
+                let logic = match &w.logic {
+                    LogicSpec::Aggregate(spec) => {
+                        spec.fields.iter().for_each(|(f, _)| add(fields, f));
+                        true
+                    }
+                    LogicSpec::Count => true,
+                    LogicSpec::Fold { .. } => false,
+                };
+                // Port 1 carries late items whole.
+                logic && unread(s.downs.get(1))
+            }
+            StepKind::Py(..) | StepKind::Collect { .. } | StepKind::Input(_) | StepKind::Output(_) => false,
+        };
+        if !ok {
+            return false;
+        }
+    }
+    true
+}
+
 /// The rows of the flow itself (its clock) go under this step name, which
 /// no step can have (step ids are printable).
 const ENGINE_STEP: &str = "\u{1}flow";
@@ -625,7 +710,14 @@ fn engine_main(plan: FlowPlan, mut opts: FlowOptions, py: PyRunner, rt: tokio::r
                     .unwrap_or_else(|| SourceConfig::from_spec(spec));
                 origins.push(config.origin_name());
                 input_steps.push(Arc::from(s.step_id.as_str()));
-                sources.push((input_nodes.len(), s.step_id.clone(), (origins.len() - 1) as u32, config));
+                let fields = s.downs.first().and_then(|d| read_fields(&plan.steps, *d));
+                sources.push((
+                    input_nodes.len(),
+                    s.step_id.clone(),
+                    (origins.len() - 1) as u32,
+                    config,
+                    fields.map(Arc::from),
+                ));
                 input_nodes.push(nodes.len());
                 Box::new(InputOp {
                     step_id: s.step_id.clone(),
@@ -671,14 +763,24 @@ fn engine_main(plan: FlowPlan, mut opts: FlowOptions, py: PyRunner, rt: tokio::r
     let flow_id: Arc<str> = Arc::from(plan.flow_id.as_str());
     let file: Arc<str> = Arc::from(plan.file.as_str());
     let steps = plan.steps;
-    for (i, s) in steps.into_iter().enumerate() {
+    let key_ons = fused_key_ons(&steps);
+    for (i, s) in steps.iter().enumerate() {
         for (port, up) in s.ups.iter().enumerate() {
             if let Some((n, p)) = producer.get(up) {
                 nodes[*n].consumers[*p].push((i, port));
             }
         }
+    }
+    for (i, s) in steps.into_iter().enumerate() {
         if let StepKind::Window(w) = s.kind {
-            nodes[i].op = Box::new(WindowOp::new(s.step_id, w, Arc::from(s.location.as_str())));
+            let mut op = WindowOp::new(s.step_id, w, Arc::from(s.location.as_str()));
+            op.late_out = nodes[i].consumers.get(1).is_some_and(|c| !c.is_empty());
+            op.meta_out = nodes[i].consumers.get(2).is_some_and(|c| !c.is_empty());
+            if let Some((k, _, step, field)) = key_ons.iter().find(|(_, w, _, _)| *w == i) {
+                op.key_on = Some((step.clone(), field.clone()));
+                nodes[*k].op = Box::new(MergeOp);
+            }
+            nodes[i].op = Box::new(op);
         }
     }
 
@@ -711,7 +813,7 @@ fn engine_main(plan: FlowPlan, mut opts: FlowOptions, py: PyRunner, rt: tokio::r
     let mut engine = Engine { nodes, cx, returns, cp };
     let positions = engine.restore(&fingerprints);
     let mut starts = Vec::new();
-    for (input, step_id, origin, mut config) in sources {
+    for (input, step_id, origin, mut config, fields) in sources {
         if let Some(rows) = positions.get(step_id.as_str()) {
             let row = |name: &str| rows.iter().find(|(r, _)| r == name).map(|(_, b)| b.clone());
             match &mut config {
@@ -738,6 +840,7 @@ fn engine_main(plan: FlowPlan, mut opts: FlowOptions, py: PyRunner, rt: tokio::r
             counters: counters.clone(),
             warnings: warnings.clone(),
             returns: back_rx,
+            fields,
         };
         starts.push((config, scx));
     }
@@ -873,12 +976,18 @@ fn engine_main(plan: FlowPlan, mut opts: FlowOptions, py: PyRunner, rt: tokio::r
                 // checkpoint, or a reload would lose them.
                 // (Not when the agent stops: its Python jobs are cut short
                 // then, and that would cost the last checkpoint.)
+                // Closed first: a source's send from now on fails, and the
+                // source keeps what it holds for the next version (a batch
+                // sent after the drain but before the channel went would be
+                // lost).
+                rx.close();
                 let until = Instant::now() + std::time::Duration::from_secs(1);
                 while !engine.cx.py.is_stopping() && Instant::now() < until {
-                    let Ok(SourceMsg::Batch(input, items, mark)) = rx.try_recv() else {
-                        break;
-                    };
-                    take(&mut engine, input, items, mark);
+                    match rx.try_recv() {
+                        Ok(SourceMsg::Batch(input, items, mark)) => take(&mut engine, input, items, mark),
+                        Ok(_) => {}
+                        Err(_) => break,
+                    }
                 }
                 engine.flush();
                 // A job interrupted while stopping left its batch half done:
@@ -898,5 +1007,88 @@ fn engine_main(plan: FlowPlan, mut opts: FlowOptions, py: PyRunner, rt: tokio::r
         flow_id: flow_id.to_string(),
         counters: counters.snapshot(),
         stopped_early,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flow::{
+        AggSpec, ClockSpec, LogicSpec, SinkSpec, Stat, StepPlan, TsGetter, TsUnit, WindowPlan, WindowerSpec,
+    };
+
+    fn step(kind: StepKind, ups: &[usize], downs: &[usize]) -> StepPlan {
+        StepPlan {
+            step_id: format!("s{}", downs.first().copied().unwrap_or(99)),
+            kind,
+            ups: ups.to_vec(),
+            downs: downs.to_vec(),
+            location: String::new(),
+        }
+    }
+
+    fn aggregate(field: &str) -> StepKind {
+        StepKind::Window(WindowPlan {
+            clock: ClockSpec::Event {
+                getter: TsGetter::Field {
+                    name: Arc::from("ts"),
+                    unit: TsUnit::Seconds,
+                },
+                wait: 0,
+            },
+            windower: WindowerSpec::Sliding {
+                length: 10,
+                offset: 10,
+                align: 0,
+            },
+            logic: LogicSpec::Aggregate(AggSpec {
+                fields: vec![(Arc::from(field), vec![Stat::Mean])],
+            }),
+            ordered: true,
+        })
+    }
+
+    fn key_on() -> StepKind {
+        StepKind::KeyOnField(Arc::from("sensor"))
+    }
+
+    fn names(fields: Option<Vec<Arc<str>>>) -> Option<Vec<String>> {
+        fields.map(|f| f.iter().map(|s| s.to_string()).collect())
+    }
+
+    /// Streams: 0 input, 1 keyed, 2/3/4 the window's down/late/meta.
+    #[test]
+    fn a_source_decodes_only_the_fields_native_steps_read_and_everything_when_anything_sees_items() {
+        let out = |up| step(StepKind::Output(SinkSpec::Stdout), &[up], &[]);
+        let base = || vec![step(key_on(), &[0], &[1]), step(aggregate("temp"), &[1], &[2, 3, 4])];
+        let fields = ["sensor", "ts", "temp"].map(String::from).to_vec();
+
+        // Results and metadata going out: only the fields read.
+        let mut steps = base();
+        steps.extend([out(2), out(4)]);
+        assert_eq!(names(read_fields(&steps, 0)), Some(fields.clone()));
+        assert_eq!(fused_key_ons(&steps).len(), 1, "the window keys its items itself");
+
+        // Late items going out carry whole items.
+        let mut steps = base();
+        steps.push(out(3));
+        assert_eq!(read_fields(&steps, 0), None);
+
+        // The keyed stream read by an output too: whole items, and no fusing.
+        let mut steps = base();
+        steps.push(out(1));
+        assert_eq!(read_fields(&steps, 0), None);
+        assert!(fused_key_ons(&steps).is_empty());
+
+        // Two windows on one keyed stream: the union, and no fusing.
+        let mut steps = base();
+        steps.push(step(aggregate("rh"), &[1], &[5, 6, 7]));
+        let mut both = fields.clone();
+        both.push("rh".into());
+        assert_eq!(names(read_fields(&steps, 0)), Some(both));
+        assert!(fused_key_ons(&steps).is_empty());
+
+        // Nothing reads the input: decode as usual.
+        assert_eq!(read_fields(&[], 0), None);
     }
 }

@@ -43,7 +43,11 @@ pub(crate) trait Operator: Send {
     /// Handle a batch arriving on input `port`.
     fn on_batch(&mut self, cx: &Cx, port: usize, batch: Vec<Item>, out: &mut Out);
     /// Every input has ended: emit what is left (windows flush here).
-    fn on_eof(&mut self, _cx: &Cx, _out: &mut Out) {}
+    /// Returns true to be called again after `out` went on (a step with
+    /// many keys hands its last results on in parts, bounding memory).
+    fn on_eof(&mut self, _cx: &Cx, _out: &mut Out) -> bool {
+        false
+    }
     /// A deadline of this step has passed.
     fn on_tick(&mut self, _cx: &Cx, _now: Instant, _out: &mut Out) {}
     /// When this step next needs `on_tick` (live mode only).

@@ -64,28 +64,39 @@ pub(crate) struct KeyOnFieldOp {
 impl Operator for KeyOnFieldOp {
     fn on_batch(&mut self, cx: &Cx, _port: usize, batch: Vec<Item>, out: &mut Out) {
         for item in batch {
-            let key: Option<Arc<str>> = match item.v.field(&self.field) {
-                Some(Value::Str(s)) => Some(s.clone()),
-                Some(Value::Int(n)) => Some(Arc::from(n.to_string().as_str())),
-                _ => None,
-            };
-            match key {
-                Some(k) => out.ports[0].push(Item::new(Value::keyed(k, item.v), item.at)),
-                None => {
-                    let field = &self.field;
-                    let found = item.v.field(field).map(Value::type_name);
-                    cx.skip(&self.step_id, "no_key", item.at, || match found {
-                        Some(t) => format!("key field {field:?} is a {t}, not a str or int"),
-                        None if matches!(item.v, Value::Map(_)) => {
-                            format!("item has no key field {field:?}")
-                        }
-                        None => format!(
-                            "expects dict items with a key field {field:?}; got a {}",
-                            item.v.type_name()
-                        ),
-                    })
-                }
+            if let Some((k, v, at)) = key_on_field(cx, &self.step_id, &self.field, item) {
+                out.ports[0].push(Item::new(Value::keyed(k, v), at));
             }
+        }
+    }
+}
+
+/// `key_on` by field name for one item: its key and value, or `None` when
+/// it has no such str or int field (counted and logged as skipped by
+/// `step_id`). A window step right after a `key_on` by field calls this
+/// itself, saving the `(key, value)` tuple.
+pub(crate) fn key_on_field(cx: &Cx, step_id: &str, field: &Arc<str>, item: Item) -> Option<(Arc<str>, Value, Origin)> {
+    let key: Option<Arc<str>> = match item.v.field(field) {
+        Some(Value::Str(s)) => Some(s.clone()),
+        Some(Value::Int(n)) => Some(Arc::from(n.to_string().as_str())),
+        _ => None,
+    };
+    match key {
+        Some(k) => Some((k, item.v, item.at)),
+        None => {
+            let found = item.v.field(field).map(Value::type_name);
+            cx.skip(step_id, "no_key", item.at, || match found {
+                Some(t) => format!("key field {field:?} is a {t}, not a str or int"),
+                None if matches!(item.v, Value::Map(_)) => {
+                    format!("item has no key field {field:?}")
+                }
+                None => format!(
+                    "expects dict items with a key field {field:?}; got a {}",
+                    item.v.type_name()
+                ),
+            });
+            cx.bury([item]);
+            None
         }
     }
 }

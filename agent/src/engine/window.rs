@@ -48,31 +48,74 @@ struct Clock {
     moved_at: Instant,
 }
 
+/// A key's open windows. Kept small: a flow may have 100,000 keys.
 enum Windows {
-    /// Tumbling and sliding windows opened so far, by id.
-    Sliding(BTreeMap<i64, WindowMeta>),
-    Session {
-        max_id: i64,
-        sessions: BTreeMap<i64, WindowMeta>,
-        merges: Vec<(i64, i64)>,
-    },
+    /// Ids of the tumbling and sliding windows opened so far, ascending
+    /// (their times follow from the windower).
+    Sliding(smallvec::SmallVec<[i64; 2]>),
+    Session(Box<Sessions>),
 }
 
-/// A native accumulator.
+struct Sessions {
+    max_id: i64,
+    sessions: BTreeMap<i64, WindowMeta>,
+    merges: Vec<(i64, i64)>,
+}
+
+/// A native accumulator (boxed statistics: a key between readings keeps
+/// no window open, and then no room for them).
 enum Acc {
     Count(i64),
-    Agg(AggAcc),
+    Agg(Box<AggAcc>),
 }
+
+/// Values waiting for the watermark: one inline (a key with a reading now
+/// and then holds just one), more on the heap.
+type Queue = smallvec::SmallVec<[Queued; 1]>;
 
 struct KeyState {
     clock: Clock,
     windows: Windows,
     /// Sorted by timestamp, ties in arrival order (only when `ordered`).
-    queue: std::collections::VecDeque<Queued>,
-    /// Native accumulators by window id (Python ones live on the Python thread).
-    accs: HashMap<i64, Acc>,
+    queue: Queue,
+    /// Native accumulators by window id (Python ones live on the Python
+    /// thread); a key has few windows open, so a list.
+    accs: Accs,
     /// The watermark this batch left, while the key waits for its flush.
     touched: Option<Micros>,
+}
+
+/// Accumulators by window id: one inline (most keys have one window open).
+type Accs = smallvec::SmallVec<[(i64, Acc); 1]>;
+
+/// The accumulator of window `id`, made by `new` if there is none.
+fn acc_entry(accs: &mut Accs, id: i64, new: impl FnOnce() -> Acc) -> &mut Acc {
+    let at = match accs.iter().position(|(i, _)| *i == id) {
+        Some(at) => at,
+        None => {
+            accs.push((id, new()));
+            accs.len() - 1
+        }
+    };
+    &mut accs[at].1
+}
+
+fn acc_take(accs: &mut Accs, id: i64) -> Option<Acc> {
+    let at = accs.iter().position(|(i, _)| *i == id)?;
+    Some(accs.swap_remove(at).1)
+}
+
+/// The times of tumbling/sliding window `id`.
+fn sliding_meta(spec: &WindowerSpec, id: i64) -> WindowMeta {
+    let WindowerSpec::Sliding { length, offset, align } = *spec else {
+        unreachable!("sliding windows come from a sliding windower")
+    };
+    let open = align.saturating_add(offset.saturating_mul(id));
+    WindowMeta {
+        open,
+        close: open.saturating_add(length),
+        merged_ids: Vec::new(),
+    }
 }
 
 /// Work for the Python thread, in the order it must happen.
@@ -106,7 +149,8 @@ pub(crate) struct WindowOp {
     /// Where the step is defined (file:line).
     location: Arc<str>,
     plan: WindowPlan,
-    keys: HashMap<Arc<str>, KeyState>,
+    /// Boxed: the table of 100,000 keys then holds pointers, not states.
+    keys: HashMap<Arc<str>, Box<KeyState>>,
     py_states: Option<PyStates>,
     /// Every key's next deadline, in order (live mode sleeps until the
     /// first): kept up to date as keys change, so neither a tick nor the
@@ -117,7 +161,20 @@ pub(crate) struct WindowOp {
     /// Keys changed since the last checkpoint (only when state is kept).
     dirty: rustc_hash::FxHashSet<Arc<str>>,
     step: Arc<str>,
+    /// Whether anything reads the late items (port 1) and the window
+    /// metadata (port 2); when not, they are not made.
+    pub(crate) late_out: bool,
+    pub(crate) meta_out: bool,
+    /// Set when the step before is a `key_on` by field read by this step
+    /// alone: (its step id, the field). Items then come unkeyed and are
+    /// keyed here, as that step would, without the `(key, value)` tuple.
+    pub(crate) key_on: Option<(String, Arc<str>)>,
+    /// At the end of input: the keys still to flush.
+    eof_keys: Option<Vec<Arc<str>>>,
 }
+
+/// At the end of input, keys flushed before their results go on.
+const EOF_KEYS_AT_ONCE: usize = 4096;
 
 impl WindowOp {
     pub(crate) fn new(step_id: String, plan: WindowPlan, location: Arc<str>) -> WindowOp {
@@ -131,6 +188,10 @@ impl WindowOp {
             dirty: Default::default(),
             step: Arc::from(step_id.as_str()),
             step_id,
+            late_out: true,
+            meta_out: true,
+            key_on: None,
+            eof_keys: None,
         }
     }
 
@@ -142,15 +203,15 @@ impl WindowOp {
                 moved_at: now,
             },
             windows: match windower {
-                WindowerSpec::Sliding { .. } => Windows::Sliding(BTreeMap::new()),
-                WindowerSpec::Session { .. } => Windows::Session {
+                WindowerSpec::Sliding { .. } => Windows::Sliding(Default::default()),
+                WindowerSpec::Session { .. } => Windows::Session(Box::new(Sessions {
                     max_id: LATE_SESSION_ID,
                     sessions: BTreeMap::new(),
                     merges: Vec::new(),
-                },
+                })),
             },
-            queue: Default::default(),
-            accs: HashMap::default(),
+            queue: Queue::new(),
+            accs: Accs::new(),
         }
     }
 
@@ -255,18 +316,15 @@ fn watermark(spec: &ClockSpec, live: bool, clock: &Clock, now: Instant, wall_now
 impl WindowOp {
     /// Close times and queue entries become due: flush `key` at `wm`.
     fn flush_key(&mut self, cx: &Cx, key: &Arc<str>, wm: Micros, out: &mut Out, actions: &mut Vec<PyAction>) {
-        if !self.keys.contains_key(key) {
+        let plan = &self.plan;
+        let Some(ks) = self.keys.get_mut(key) else {
             self.refresh_deadline(key);
             return;
-        }
+        };
         if cx.durable {
             self.dirty.insert(key.clone());
         }
-        let plan = &self.plan;
         let mut graveyard = cx.graveyard.borrow_mut();
-        let Some(ks) = self.keys.get_mut(key) else {
-            return;
-        };
         // The queue is kept sorted when ordered, so the due entries are a prefix.
         let n_due = if plan.ordered {
             ks.queue.partition_point(|q| q.ts <= wm)
@@ -291,22 +349,22 @@ impl WindowOp {
                         at: q.at,
                     }),
                     LogicSpec::Count => {
-                        if let Acc::Count(c) = ks.accs.entry(id).or_insert(Acc::Count(0)) {
+                        if let Acc::Count(c) = acc_entry(&mut ks.accs, id, || Acc::Count(0)) {
                             *c += 1;
                         }
                         graveyard.push(Item::new(v, q.at));
                     }
                     LogicSpec::Aggregate(spec) => {
-                        if let Acc::Agg(a) = ks.accs.entry(id).or_insert_with(|| Acc::Agg(AggAcc::new(spec))) {
-                            a.add(spec, &v);
+                        if let Acc::Agg(a) = acc_entry(&mut ks.accs, id, || Acc::Agg(Box::new(AggAcc::new(spec)))) {
+                            a.add_queued(spec, &v);
                         }
                         graveyard.push(Item::new(v, q.at));
                     }
                 }
             }
         }
-        if let Windows::Session { merges, .. } = &mut ks.windows {
-            for (from, into) in std::mem::take(merges) {
+        if let Windows::Session(sessions) = &mut ks.windows {
+            for (from, into) in std::mem::take(&mut sessions.merges) {
                 if from == into {
                     continue;
                 }
@@ -317,13 +375,11 @@ impl WindowOp {
                         into,
                     }),
                     _ => {
-                        if let Some(src) = ks.accs.remove(&from) {
-                            match (ks.accs.get_mut(&into), src) {
-                                (Some(Acc::Count(a)), Acc::Count(b)) => *a += b,
-                                (Some(Acc::Agg(a)), Acc::Agg(b)) => a.merge(b),
-                                (None, src) => {
-                                    ks.accs.insert(into, src);
-                                }
+                        if let Some(src) = acc_take(&mut ks.accs, from) {
+                            match (ks.accs.iter_mut().find(|(i, _)| *i == into), src) {
+                                (Some((_, Acc::Count(a))), Acc::Count(b)) => *a += b,
+                                (Some((_, Acc::Agg(a))), Acc::Agg(b)) => a.merge(*b),
+                                (None, src) => ks.accs.push((into, src)),
                                 _ => {}
                             }
                         }
@@ -335,28 +391,30 @@ impl WindowOp {
             match &plan.logic {
                 LogicSpec::Fold { .. } => actions.push(PyAction::Close { key: key.clone(), id }),
                 LogicSpec::Count => {
-                    let n = match ks.accs.remove(&id) {
+                    let n = match acc_take(&mut ks.accs, id) {
                         Some(Acc::Count(n)) => n,
                         _ => 0,
                     };
                     out.ports[0].push(emit(key, id, Value::Int(n)));
                 }
                 LogicSpec::Aggregate(spec) => {
-                    let r = match ks.accs.remove(&id) {
+                    let r = match acc_take(&mut ks.accs, id) {
                         Some(Acc::Agg(a)) => a.result(spec),
                         _ => AggAcc::new(spec).result(spec),
                     };
                     out.ports[0].push(emit(key, id, r));
                 }
             }
-            out.ports[2].push(emit(key, id, Value::Meta(Box::new(meta))));
+            if self.meta_out {
+                out.ports[2].push(emit(key, id, Value::Meta(Box::new(meta))));
+            }
         }
         // A key with nothing open is forgotten (Bytewax does the same for
         // tumbling/sliding windows; for sessions it also bounds memory).
         let empty = ks.queue.is_empty()
             && match &ks.windows {
                 Windows::Sliding(open) => open.is_empty(),
-                Windows::Session { sessions, .. } => sessions.is_empty(),
+                Windows::Session(s) => s.sessions.is_empty(),
             };
         if empty {
             self.keys.remove(key);
@@ -486,8 +544,10 @@ impl WindowOp {
     /// The system instant at which `ks` next needs a flush.
     fn key_deadline(&self, ks: &KeyState, now: Instant, wall_now: Micros) -> Option<Instant> {
         let close_due = match (&ks.windows, self.plan.windower) {
-            (Windows::Sliding(open), _) => open.values().map(|m| m.close).min(),
-            (Windows::Session { sessions, .. }, WindowerSpec::Session { gap }) => sessions
+            // Ids ascend, and so do close times.
+            (Windows::Sliding(open), spec) => open.first().map(|id| sliding_meta(&spec, *id).close),
+            (Windows::Session(s), WindowerSpec::Session { gap }) => s
+                .sessions
                 .values()
                 .map(|m| m.close.saturating_add(gap).saturating_add(1))
                 .min(),
@@ -512,18 +572,6 @@ impl WindowOp {
         let wait = due.saturating_sub(wm_then).max(0) as u64;
         Some(from + Duration::from_micros(wait))
     }
-}
-
-/// The fields of `v` an aggregate reads (the rest is handed back to be freed).
-fn project(v: Value, spec: &AggSpec, cx: &Cx, at: Origin) -> Value {
-    let Value::Map(fields) = v else { return v };
-    let (keep, rest): (Vec<_>, Vec<_>) = fields
-        .into_iter()
-        .partition(|(name, _)| spec.fields.iter().any(|(f, _)| f == name));
-    if !rest.is_empty() {
-        cx.bury([Item::new(Value::Map(rest), at)]);
-    }
-    Value::Map(keep)
 }
 
 fn emit(key: &Arc<str>, id: i64, v: Value) -> Item {
@@ -600,25 +648,18 @@ fn open_for(spec: &WindowerSpec, windows: &mut Windows, ts: Micros) -> std::ops:
         (WindowerSpec::Sliding { length, offset, align }, Windows::Sliding(open)) => {
             let ids = intersects(*length, *offset, *align, ts);
             for id in ids.clone() {
-                open.entry(id).or_insert_with(|| {
-                    let open_time = align.saturating_add(offset.saturating_mul(id));
-                    WindowMeta {
-                        open: open_time,
-                        close: open_time.saturating_add(*length),
-                        merged_ids: Vec::new(),
-                    }
-                });
+                if let Err(at) = open.binary_search(&id) {
+                    open.insert(at, id);
+                }
             }
             ids
         }
-        (
-            WindowerSpec::Session { gap },
-            Windows::Session {
+        (WindowerSpec::Session { gap }, Windows::Session(s)) => {
+            let Sessions {
                 max_id,
                 sessions,
                 merges,
-            },
-        ) => {
+            } = &mut **s;
             for (id, meta) in sessions.iter_mut() {
                 let until_open = meta.open - ts;
                 let since_close = ts - meta.close;
@@ -682,12 +723,19 @@ fn find_merges(sessions: &mut BTreeMap<i64, WindowMeta>, gap: Micros, merges: &m
 fn close_for(spec: &WindowerSpec, windows: &mut Windows, wm: Micros) -> Vec<(i64, WindowMeta)> {
     match (spec, windows) {
         (WindowerSpec::Sliding { .. }, Windows::Sliding(open)) => {
-            let ids: Vec<i64> = open.iter().filter(|(_, m)| m.close <= wm).map(|(id, _)| *id).collect();
-            ids.into_iter()
-                .map(|id| (id, open.remove(&id).expect("open window")))
-                .collect()
+            let mut closed = Vec::new();
+            open.retain(|id| {
+                let meta = sliding_meta(spec, *id);
+                let close = meta.close <= wm;
+                if close {
+                    closed.push((*id, meta));
+                }
+                !close
+            });
+            closed
         }
-        (WindowerSpec::Session { gap }, Windows::Session { sessions, .. }) => {
+        (WindowerSpec::Session { gap }, Windows::Session(s)) => {
+            let sessions = &mut s.sessions;
             // End of input (wm = MAX) closes every session, whatever the gap.
             let close_after = if wm == i64::MAX {
                 i64::MAX
@@ -719,11 +767,25 @@ impl Operator for WindowOp {
         let now = Instant::now();
         let wall_now = time::now_utc();
         let mut values = Vec::with_capacity(batch.len());
-        for item in batch {
-            match item.v.into_keyed() {
-                Ok((k, v)) => values.push((k, v, item.at)),
-                Err(v) => cx.skip(&self.step_id, "not_keyed", item.at, || super::stateless::not_keyed(&v)),
+        match &self.key_on {
+            Some((step, field)) => {
+                values.extend(
+                    batch
+                        .into_iter()
+                        .filter_map(|item| super::stateless::key_on_field(cx, step, field, item)),
+                );
             }
+            None => {
+                for item in batch {
+                    match item.v.into_keyed() {
+                        Ok((k, v)) => values.push((k, v, item.at)),
+                        Err(v) => cx.skip(&self.step_id, "not_keyed", item.at, || super::stateless::not_keyed(&v)),
+                    }
+                }
+            }
+        }
+        if values.is_empty() {
+            return;
         }
         let (values, stamps) = self.timestamps(cx, values, wall_now);
         let wait = match self.plan.clock {
@@ -739,7 +801,7 @@ impl Operator for WindowOp {
             let Some(ts) = ts else { continue };
             let ks = keys
                 .entry(key.clone())
-                .or_insert_with(|| Self::new_key(&plan.windower, now));
+                .or_insert_with(|| Box::new(Self::new_key(&plan.windower, now)));
             let mut wm = watermark(&plan.clock, live, &ks.clock, now, wall_now);
             if let ClockSpec::Event { .. } = plan.clock {
                 let candidate = ts.saturating_sub(wait);
@@ -756,33 +818,38 @@ impl Operator for WindowOp {
             }
             if ts < wm {
                 late += 1;
-                for id in late_ids(&plan.windower, ts) {
-                    let item = Value::keyed(key.clone(), Value::Tuple(vec![Value::Int(id), value.clone()]));
-                    out.ports[1].push(Item::new(item, at));
-                }
-            } else {
-                // Kept state (`run`): a native step's queue holds only what
-                // its windows will read, so checkpoints write less. The
-                // rest goes back to the source thread to be freed.
-                let value = if cx.durable {
-                    match &plan.logic {
-                        LogicSpec::Count => {
-                            cx.bury([Item::new(value, at)]);
-                            Value::Null
-                        }
-                        LogicSpec::Aggregate(spec) => project(value, spec, cx, at),
-                        LogicSpec::Fold { .. } => value,
+                if self.late_out {
+                    for id in late_ids(&plan.windower, ts) {
+                        let item = Value::keyed(key.clone(), Value::Tuple(vec![Value::Int(id), value.clone()]));
+                        out.ports[1].push(Item::new(item, at));
                     }
-                } else {
-                    value
+                }
+                cx.bury([Item::new(value, at)]);
+            } else {
+                // Native steps keep only what they read: a key may wait with
+                // a value queued for as long as its next reading, and
+                // checkpoints write less. The rest goes back to the source
+                // thread to be freed.
+                let value = match &plan.logic {
+                    LogicSpec::Count => {
+                        cx.bury([Item::new(value, at)]);
+                        Value::Null
+                    }
+                    LogicSpec::Aggregate(spec) => {
+                        let mut rest = None;
+                        let v = AggAcc::queued(spec, value, &mut rest);
+                        cx.bury(rest.map(|r| Item::new(r, at)));
+                        v
+                    }
+                    LogicSpec::Fold { .. } => value,
                 };
                 let q = Queued { value, ts, at };
-                if plan.ordered && ks.queue.back().is_some_and(|last| last.ts > ts) {
+                if plan.ordered && ks.queue.last().is_some_and(|last| last.ts > ts) {
                     // Out of order: find its place (after equal timestamps).
                     let pos = ks.queue.partition_point(|e| e.ts <= ts);
                     ks.queue.insert(pos, q);
                 } else {
-                    ks.queue.push_back(q);
+                    ks.queue.push(q);
                 }
             }
         }
@@ -797,14 +864,24 @@ impl Operator for WindowOp {
         self.run_py(cx, actions, out);
     }
 
-    fn on_eof(&mut self, cx: &Cx, out: &mut Out) {
-        let mut keys: Vec<Arc<str>> = self.keys.keys().cloned().collect();
-        keys.sort();
+    fn on_eof(&mut self, cx: &Cx, out: &mut Out) -> bool {
+        let mut keys = self.eof_keys.take().unwrap_or_else(|| {
+            let mut keys: Vec<Arc<str>> = self.keys.keys().cloned().collect();
+            // Descending, so that popping goes in key order.
+            keys.sort_unstable_by(|a, b| b.cmp(a));
+            keys
+        });
         let mut actions = Vec::new();
-        for key in keys {
+        for _ in 0..EOF_KEYS_AT_ONCE {
+            let Some(key) = keys.pop() else { break };
             self.flush_key(cx, &key, i64::MAX, out, &mut actions);
         }
         self.run_py(cx, actions, out);
+        let more = !keys.is_empty();
+        if more {
+            self.eof_keys = Some(keys);
+        }
+        more
     }
 
     fn on_tick(&mut self, cx: &Cx, now: Instant, out: &mut Out) {
@@ -843,10 +920,10 @@ impl Operator for WindowOp {
                 continue;
             };
             let mut e = Enc::default();
-            encode_key(&mut e, ks, clock);
+            encode_key(&mut e, ks, &self.plan.windower, clock);
             let ids: Vec<i64> = match &ks.windows {
-                Windows::Sliding(open) => open.keys().copied().collect(),
-                Windows::Session { sessions, .. } => sessions.keys().copied().collect(),
+                Windows::Sliding(open) => open.to_vec(),
+                Windows::Session(s) => s.sessions.keys().copied().collect(),
             };
             let held: Vec<(i64, &Arc<Py<PyAny>>)> = ids
                 .into_iter()
@@ -906,13 +983,13 @@ impl Operator for WindowOp {
                     done.keys += 1;
                     done.windows += match &ks.windows {
                         Windows::Sliding(open) => open.len(),
-                        Windows::Session { sessions, .. } => sessions.len(),
+                        Windows::Session(s) => s.sessions.len(),
                     } as u64;
                     done.queued += ks.queue.len() as u64;
                     for (id, acc) in accs {
                         py_states.insert((key.clone(), id), acc);
                     }
-                    self.keys.insert(key, ks);
+                    self.keys.insert(key, Box::new(ks));
                 }
                 Err(why) => {
                     done.bad_rows += 1;
@@ -933,23 +1010,24 @@ impl Operator for WindowOp {
 }
 
 /// One key's windows, queue, clock and native accumulators, for the store.
-fn encode_key(e: &mut Enc, ks: &KeyState, clock: snapshot::EngineClock) {
+fn encode_key(e: &mut Enc, ks: &KeyState, spec: &WindowerSpec, clock: snapshot::EngineClock) {
     e.i(ks.clock.base);
     e.i(clock.at(ks.clock.moved_at));
     match &ks.windows {
         Windows::Sliding(open) => {
             e.u(0);
             e.u(open.len() as u64);
-            for (id, m) in open {
+            for id in open {
                 e.i(*id);
-                e.meta(m);
+                e.meta(&sliding_meta(spec, *id));
             }
         }
-        Windows::Session {
-            max_id,
-            sessions,
-            merges,
-        } => {
+        Windows::Session(s) => {
+            let Sessions {
+                max_id,
+                sessions,
+                merges,
+            } = &**s;
             e.u(1);
             e.i(*max_id);
             e.u(sessions.len() as u64);
@@ -999,11 +1077,14 @@ fn decode_key(
     let windows = match (d.u()?, windower) {
         (0, WindowerSpec::Sliding { .. }) => {
             let n = d.n()?;
-            let mut open = BTreeMap::new();
+            let mut open = smallvec::SmallVec::<[i64; 2]>::with_capacity(n.min(1024));
             for _ in 0..n {
                 let id = d.i()?;
-                open.insert(id, d.meta()?);
+                d.meta()?; // the times follow from the windower
+                open.push(id);
             }
+            open.sort_unstable();
+            open.dedup();
             Windows::Sliding(open)
         }
         (1, WindowerSpec::Session { .. }) => {
@@ -1018,37 +1099,43 @@ fn decode_key(
             let merges = (0..n)
                 .map(|_| Ok((d.i()?, d.i()?)))
                 .collect::<DecResult<Vec<(i64, i64)>>>()?;
-            Windows::Session {
+            Windows::Session(Box::new(Sessions {
                 max_id,
                 sessions,
                 merges,
-            }
+            }))
         }
         (t, _) => return Err(format!("window kind {t} does not match the step's windower")),
     };
     let n = d.n()?;
-    let mut queue = std::collections::VecDeque::with_capacity(n);
+    let mut queue = Queue::with_capacity(n.min(1 << 16));
     for _ in 0..n {
         let ts = d.i()?;
         let src = d.u()? as u32;
         let line = d.u()?;
-        let value = d.value()?;
-        queue.push_back(Queued {
+        let mut value = d.value()?;
+        if let (Some(spec), Value::Map(_)) = (agg, &value) {
+            // Saved before queued values were kept in `AggAcc::queued`'s
+            // form (a dict of the aggregated fields), or a dict of several.
+            value = AggAcc::queued(spec, value, &mut None);
+        }
+        queue.push(Queued {
             value,
             ts,
             at: Origin { src, line },
         });
     }
     let n = d.n()?;
-    let mut accs = HashMap::default();
+    let mut accs = Accs::with_capacity(n.min(1024));
     for _ in 0..n {
         let id = d.i()?;
         let acc = match (d.u()?, agg) {
             (0, _) => Acc::Count(d.i()?),
-            (1, Some(spec)) => Acc::Agg(AggAcc::decode(d, spec)?),
+            (1, Some(spec)) => Acc::Agg(Box::new(AggAcc::decode(d, spec)?)),
             (t, _) => return Err(format!("accumulator kind {t} does not match the step")),
         };
-        accs.insert(id, acc);
+        accs.retain(|(i, _)| *i != id);
+        accs.push((id, acc));
     }
     Ok(KeyState {
         clock: Clock { base, moved_at },
@@ -1076,18 +1163,17 @@ mod tests {
     #[test]
     fn sessions_that_grow_into_each_other_merge_into_the_older_one() {
         let spec = WindowerSpec::Session { gap: 10 };
-        let mut w = Windows::Session {
+        let mut w = Windows::Session(Box::new(Sessions {
             max_id: LATE_SESSION_ID,
             sessions: BTreeMap::new(),
             merges: Vec::new(),
-        };
+        }));
         assert_eq!(open_for(&spec, &mut w, 0), 0..=0);
         assert_eq!(open_for(&spec, &mut w, 20), 1..=1);
         // 10 extends session 0 to [0,10], which is now within 10 of session 1.
         assert_eq!(open_for(&spec, &mut w, 10), 0..=0);
-        let Windows::Session { sessions, merges, .. } = &w else {
-            unreachable!()
-        };
+        let Windows::Session(s) = &w else { unreachable!() };
+        let Sessions { sessions, merges, .. } = &**s;
         assert_eq!(merges, &vec![(1, 0)]);
         assert_eq!(
             sessions[&0],

@@ -171,7 +171,7 @@ fn send(cx: &SourceCtx, batch: &mut Vec<Item>, pos: FilePos) -> bool {
 }
 
 fn read_jsonl(mut reader: BufReader<Input>, file: &str, start: FilePos, cx: &SourceCtx) {
-    let mut decoder = Decoder::default();
+    let mut decoder = Decoder::reading(cx.fields.clone());
     let mut buf = Vec::with_capacity(4096);
     let mut batch = Vec::with_capacity(BATCH);
     let mut line = start.line;
@@ -381,7 +381,10 @@ fn read_csv(mut f: File, regular: bool, file: &str, start: FilePos, cx: &SourceC
             continue;
         }
         let mut batch = pending.borrow_mut();
-        batch.push(Item::new(row(names, &cells), Origin { src: cx.origin, line }));
+        batch.push(Item::new(
+            row(names, &cells, cx.fields.as_deref()),
+            Origin { src: cx.origin, line },
+        ));
         if closed.get() || (batch.len() >= BATCH && !send(cx, &mut batch, pos.get())) {
             return;
         }

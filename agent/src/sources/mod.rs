@@ -80,6 +80,9 @@ pub(crate) struct SourceCtx {
     /// freed on the thread that allocated it avoids glibc's cross-thread
     /// arena locking (measured: most of a replay's kernel time).
     pub returns: std::sync::mpsc::Receiver<Vec<Item>>,
+    /// The only fields of an item the flow reads, when it reads only some
+    /// by name (`engine::read_fields`): the decoder builds just those.
+    pub fields: Option<std::sync::Arc<[std::sync::Arc<str>]>>,
 }
 
 impl SourceCtx {

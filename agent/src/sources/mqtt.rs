@@ -65,7 +65,7 @@ pub(super) async fn read(input: MqttInput, cx: SourceCtx) {
     let seen = Arc::new(Mutex::new(Seen::restore(input.restored.as_deref(), &cx)));
     // Commit before the broker's in-flight window fills, or it stops sending.
     let threshold = (inbox.max_inflight as u64 * 3 / 4).max(1);
-    let mut decoder = PayloadDecoder::new(spec.format.clone());
+    let mut decoder = PayloadDecoder::reading(spec.format.clone(), cx.fields.clone());
     let wants_fields = spec.topic_field.is_some() || spec.filters.iter().any(|f| f.has_fields());
     let mut number = 0u64;
     let mut values = Vec::new();

@@ -308,7 +308,10 @@ impl Serial {
             self.back();
         }
         if self.decoder.is_none() && !self.header_first() {
-            self.decoder = Some(PayloadDecoder::new(self.spec.format.clone()));
+            self.decoder = Some(PayloadDecoder::reading(
+                self.spec.format.clone(),
+                self.cx.fields.clone(),
+            ));
         }
         let mut first = true;
         let mut buf = vec![0u8; 4096];
