@@ -31,6 +31,24 @@ const HARD_STOP: Duration = Duration::from_millis(4800);
 /// Quiet time after a change in the flows folder before it is rescanned
 /// (an editor's save is several events).
 const SETTLE: Duration = Duration::from_millis(300);
+/// How long after READY the code that only starting ran is paged out.
+const PAGE_OUT_AFTER: Duration = Duration::from_secs(3);
+
+/// Give back the pages of start-up code (see `memory`), on a thread of its
+/// own (it is a system call per mapping, but the loop must not wait).
+fn page_out_startup_code() {
+    let _ = std::thread::Builder::new()
+        .name("runnel-pageout".into())
+        .spawn(|| match crate::memory::page_out_code() {
+            Ok(p) => tracing::debug!(
+                "paged out start-up code: {} mapping(s) of the binary and libpython, {} KiB",
+                p.mappings,
+                p.bytes >> 10
+            ),
+            Err(e) => tracing::debug!("cannot page out start-up code ({e}); it stays resident"),
+        });
+}
+
 /// How long READY waits for every broker's first connection attempt.
 const BROKERS_TRIED: Duration = Duration::from_secs(3);
 
@@ -208,6 +226,7 @@ pub(crate) fn run(config: Config) -> anyhow::Result<ExitCode> {
 
     let mut signal_wait = signal_rx.clone();
     let started = std::time::Instant::now();
+    let mut paged_out = false;
     let healthy = rt.block_on(async {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let every = Duration::from_secs(config.status_interval.max(1));
@@ -241,6 +260,10 @@ pub(crate) fn run(config: Config) -> anyhow::Result<ExitCode> {
                     notifier.status(&line);
                     if ok {
                         notifier.ping();
+                    }
+                    if !paged_out && started.elapsed() >= PAGE_OUT_AFTER {
+                        paged_out = true;
+                        page_out_startup_code();
                     }
                     // An old version that was slow to stop: its file loads once it has.
                     if flows.waiting() {

@@ -9,6 +9,7 @@ mod engine;
 mod flow;
 mod flows;
 mod json;
+mod memory;
 mod metrics;
 mod mqtt;
 mod perms;

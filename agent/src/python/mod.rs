@@ -43,9 +43,23 @@ impl PyRunner {
         let thread_watch = watch.clone();
         thread::Builder::new().name("runnel-python".into()).spawn(move || {
             module::register();
+            let full_site = module::full_site();
+            if !full_site {
+                // Python's `site` is replaced by `module::lean_site` (same
+                // paths, no .pth imports); the flag must be set before start.
+                #[allow(deprecated)]
+                // SAFETY: written before the interpreter starts, on the only
+                // thread that touches it.
+                unsafe {
+                    pyo3::ffi::Py_NoSiteFlag = 1;
+                }
+            }
             Python::initialize();
             thread_watch.set_thread();
             let setup = Python::attach(|py| {
+                if !full_site {
+                    module::lean_site(py)?;
+                }
                 module::after_start(py)?;
                 watchdog::install(py)
             });

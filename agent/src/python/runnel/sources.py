@@ -4,8 +4,6 @@ Every source decodes its bytes into items in Rust; a malformed record is
 counted, logged with where it came from (file and line), and skipped.
 """
 
-from typing import Optional
-
 __all__ = ["Source", "file", "mqtt", "serial"]
 
 _DECODES = ("jsonl", "csv")
@@ -35,7 +33,7 @@ class _FileSource(Source):
         return f"sources.file({self.path!r}, decode={self.decode!r})"
 
 
-def file(path: str, decode: Optional[str] = None) -> Source:
+def file(path: str, decode: "str | None" = None) -> Source:
     """Read items from a file, once, from start to end.
 
     `decode="jsonl"`: one JSON value per line (blank lines are skipped).
