@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Benchmark: runnel vs Bytewax 0.21.1 vs a plain Python loop.
+"""Benchmark: runnel vs Bytewax 0.21.1, Pathway, a plain Python loop and a hand-written Rust loop.
 
 What it measures
 ----------------
-One job, four contenders, each run as a child process in the same run:
+One job, six contenders, five workloads; each contender runs as a child
+process, one after the other, in the same run:
 
     mean temperature per sensor in 10 s tumbling event-time windows
     (EventClock on "ts", wait_for_system_duration 5 s), output to a file.
@@ -15,36 +16,46 @@ One job, four contenders, each run as a child process in the same run:
                       fold_window builder/folder/merger of (sum, count)
     bytewax           python -m bytewax.run bytewax_flow.py (Bytewax 0.21.1,
                       its default single worker)
+    pathway           pathway_flow.py: jsonlines in static mode, windowby
+                      tumbling, avg (no event-time lateness)
     python            plain_python.py: a hand-written loop, json.loads + dicts
+    limit             tests/bench/limit (bench-limit): serde_json into a struct,
+                      a hash map of sums, no watermarks: the practical limit
 
-The input is N JSON lines (default 1,000,000) from 100 sensors, one reading
-each per 100 ms of event time (jitter +-20 ms, never near a window edge), e.g.
-    {"sensor": "sensor-007", "ts": 1704067200.051, "temp": 21.37}
-It is generated once and cached in the work dir (default $TMPDIR/runnel-bench)
-together with the reference means that every contender's output is checked
-against (window count, duplicates, mean values).
+The workloads (WORKLOADS below) are N JSON lines each (default 1,000,000):
+basic (3 fields, 100 sensors, near order, the first benchmark's), wide (9
+fields with strings, a nested object and a list; readings 60 ms apart with
++-300 ms of jitter; 0.5 % late by 15-40 s), iso (wide with ISO 8601 times with
+offsets), keys-10k and keys-100k (wide, that many sensors over ten minutes).
+Each is generated once and cached in the work dir (default
+$TMPDIR/runnel-bench) together with two references: the mean of every window
+under Bytewax's rule (per-key watermark, late readings dropped) and of all
+readings (for pathway and limit, which have no lateness). Every contender's
+output is checked against its reference (window count, duplicates, means).
 
 For each contender: wall time (time.monotonic around os.wait4), events/s
 (N / wall, so process start-up and imports count), and peak RSS (ru_maxrss of
 the contender process from os.wait4; on Linux it is started through a tiny
 /bin/sh and re-parented to bench.py, so the kernel doesn't fold bench.py's
-own RSS into it, see become_subreaper), plus ratios against Bytewax. Runs are sequential;
-on a busy machine the numbers are noisy, so use --repeat to keep the best.
+own RSS into it, see become_subreaper), plus ratios to Bytewax and to the
+limit. On a busy machine the numbers are noisy, so use --repeat to keep the best.
 
 How to run
 ----------
-    # a Python with Bytewax 0.21.1, once:
-    python3 -m venv .venv-bench && .venv-bench/bin/pip install bytewax==0.21.1
-    # the runnel binary:
-    cargo build --release
+    # a Python with Bytewax 0.21.1 and Pathway, once:
+    python3 -m venv .venv-bench && .venv-bench/bin/pip install bytewax==0.21.1 pathway
+    # the runnel binary and the limit:
+    cargo build --release -p runnel -p bench-limit
     # then, from the repo root:
     python3 tests/bench/bench.py --bytewax-python .venv-bench/bin/python
-    python3 tests/bench/bench.py --markdown            # table for the README
-    python3 tests/bench/bench.py --n 100000 --only bytewax,python   # quick
+    python3 tests/bench/bench.py --markdown --repeat 3 --workloads basic,wide,iso
+    python3 tests/bench/bench.py --n 100000 --workloads wide --only aggregate,bw,rust   # quick
 
-Options: --runnel (default <repo>/target/release/runnel), --bytewax-python
-(default $RUNNEL_BYTEWAX_PYTHON, else <repo>/.venv-test or .venv-bench), --n,
---only, --repeat, --workdir, --timeout, --markdown. Standard library only.
+Options: --runnel (default <repo>/target/release/runnel), --limit (default
+<repo>/target/release/bench-limit), --bytewax-python (default
+$RUNNEL_BYTEWAX_PYTHON, else <repo>/.venv-test or .venv-bench), --n,
+--workloads, --only, --repeat, --workdir, --timeout, --keep-outputs,
+--markdown. Standard library only.
 
 Exit status: 0 when every selected contender ran (sanity warnings are shown
 in the table's "check" column but don't fail the run), 1 when one couldn't be
@@ -222,13 +233,14 @@ class Contender:
 
 
 def bytewax_python(arg):
-    """The Bytewax interpreter: the flag, the env var, or the virtualenv the
-    test command made (<repo>/.venv-test), or <repo>/.venv-bench."""
+    """The interpreter with Bytewax (and Pathway): the flag, the env var, else
+    the benchmark's virtualenv (<repo>/.venv-bench, see How to run), else the
+    test command's (<repo>/.venv-test, which has no pathway)."""
     if arg:
         return arg
     if os.environ.get("RUNNEL_BYTEWAX_PYTHON"):
         return os.environ["RUNNEL_BYTEWAX_PYTHON"]
-    for name in (".venv-test", ".venv-bench"):
+    for name in (".venv-bench", ".venv-test"):  # .venv-bench may have pathway too
         venv = REPO / name / "bin" / "python"
         if venv.exists():
             return str(venv)
