@@ -177,10 +177,7 @@ impl Decoder {
                     self.value(b, i, depth + 1)?
                 };
                 // Like Python's json.loads, a repeated name keeps the last value.
-                match fields.iter_mut().find(|(n, _)| Arc::ptr_eq(n, &name) || **n == *name) {
-                    Some(slot) => slot.1 = value,
-                    None => fields.push((name, value)),
-                }
+                set_field(&mut fields, name, value);
                 i = skip_ws(b, next);
             } else {
                 if depth == 0 {

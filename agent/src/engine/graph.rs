@@ -554,9 +554,14 @@ impl Engine {
 /// steps whose clock and accumulator are Python. Then a Python step can hand
 /// its results on unconverted, and the next Python step gets the very same
 /// objects, as in Bytewax.
+/// The steps that read `stream`, with their indexes.
+fn readers(steps: &[crate::flow::StepPlan], stream: usize) -> impl Iterator<Item = (usize, &crate::flow::StepPlan)> {
+    steps.iter().enumerate().filter(move |(_, s)| s.ups.contains(&stream))
+}
+
 fn only_python_reads(steps: &[crate::flow::StepPlan], stream: usize, depth: usize) -> bool {
     use crate::flow::{ClockSpec, LogicSpec, TsGetter};
-    let readers: Vec<&crate::flow::StepPlan> = steps.iter().filter(|s| s.ups.contains(&stream)).collect();
+    let readers: Vec<&crate::flow::StepPlan> = readers(steps, stream).map(|(_, s)| s).collect();
     if readers.is_empty() || depth > 16 {
         return false;
     }
@@ -589,7 +594,7 @@ fn fused_key_ons(steps: &[crate::flow::StepPlan]) -> Vec<(usize, usize, String, 
         let (StepKind::KeyOnField(field), [down]) = (&s.kind, s.downs.as_slice()) else {
             continue;
         };
-        let readers: Vec<usize> = (0..steps.len()).filter(|r| steps[*r].ups.contains(down)).collect();
+        let readers: Vec<usize> = readers(steps, *down).map(|(r, _)| r).collect();
         if let [w] = readers.as_slice() {
             if matches!(steps[*w].kind, StepKind::Window(_)) && steps[*w].ups.len() == 1 {
                 fused.push((k, *w, s.step_id.clone(), field.clone()));
@@ -606,8 +611,7 @@ fn fused_key_ons(steps: &[crate::flow::StepPlan]) -> Vec<(usize, usize, String, 
 /// sees whole items (a Python step, a sink, late items that are output).
 pub(crate) fn read_fields(steps: &[crate::flow::StepPlan], stream: usize) -> Option<Vec<Arc<str>>> {
     let mut fields = Vec::new();
-    let readers = steps.iter().filter(|s| s.ups.contains(&stream)).count();
-    (readers > 0 && fields_read(steps, stream, 0, &mut fields)).then_some(fields)
+    (readers(steps, stream).next().is_some() && fields_read(steps, stream, 0, &mut fields)).then_some(fields)
 }
 
 fn fields_read(steps: &[crate::flow::StepPlan], stream: usize, depth: usize, fields: &mut Vec<Arc<str>>) -> bool {
@@ -617,11 +621,11 @@ fn fields_read(steps: &[crate::flow::StepPlan], stream: usize, depth: usize, fie
             fields.push(f.clone());
         }
     }
-    let unread = |port: Option<&usize>| port.is_none_or(|d| steps.iter().all(|s| !s.ups.contains(d)));
+    let unread = |port: Option<&usize>| port.is_none_or(|d| readers(steps, *d).next().is_none());
     if depth > 16 {
         return false;
     }
-    for s in steps.iter().filter(|s| s.ups.contains(&stream)) {
+    for (_, s) in readers(steps, stream) {
         let ok = match &s.kind {
             StepKind::KeyOnField(f) => {
                 add(fields, f);
